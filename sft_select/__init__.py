@@ -1,0 +1,22 @@
+"""sft-select: choose the best subset of an instruction-tuning dataset.
+
+The code lives in three top-level folders, installed as subpackages of ``sft_select``:
+``storage/`` (``sft_select.storage``), ``tasks/`` (``sft_select.tasks``) and ``flows/``
+(``sft_select.flows``). See README.md and docs/architecture.md.
+
+Importing the package points Prefect at a folder under ``SFT_SELECT_HOME`` (unless ``PREFECT_HOME``
+is set) and switches off what fails offline, before Prefect itself is imported.
+"""
+
+import os
+
+from .settings import settings
+
+__version__ = "0.1.0"
+
+os.environ.setdefault("PREFECT_HOME", str(settings().home / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's spinning OpenMP threads fight faiss and MKL

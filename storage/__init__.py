@@ -1,0 +1,38 @@
+"""Storage: canonical examples, datasets, the signal store and the DuckDB catalog.
+
+Knows nothing of Prefect or models. Everything lives under one folder (``SFT_SELECT_HOME``)::
+
+    catalog.duckdb                      the catalog (datasets, signals, parts, selections, evaluations)
+    datasets/<fingerprint>.parquet      examples of one dataset version
+    signals/<signal_id>/part-*.parquet  immutable parts of one signal's values
+    selections/<selection_id>.parquet   ordered uids with score and reason
+    rejects/                            records set aside at ingest, with their reasons
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .catalog import Catalog, CatalogBusy
+from .datasets import DatasetInfo, DatasetStore, SelectionStore, check_name, fingerprint
+from .examples import SCHEMA, make_example, uid_of
+from .formats import FORMATS, WRITE_FORMATS, InputError, ReadResult, read_examples, write_examples
+from .signals import BatchResult, FillReport, Outcome, Signal, SignalStore
+
+
+class Store:
+    """The one entry point to everything stored under ``home``."""
+
+    def __init__(self, home: str | Path, lock_timeout_s: float = 60.0):
+        self.home = Path(home)
+        self.catalog = Catalog(self.home / "catalog.duckdb", lock_timeout_s)
+        self.datasets = DatasetStore(self.home / "datasets", self.catalog)
+        self.signals = SignalStore(self.home / "signals", self.catalog)
+        self.selections = SelectionStore(self.home / "selections", self.catalog)
+
+
+__all__ = [
+    "FORMATS", "SCHEMA", "WRITE_FORMATS", "BatchResult", "Catalog", "CatalogBusy", "DatasetInfo", "DatasetStore",
+    "FillReport", "InputError", "Outcome", "ReadResult", "SelectionStore", "Signal", "SignalStore", "Store",
+    "check_name", "fingerprint", "make_example", "read_examples", "uid_of", "write_examples",
+]

@@ -1,0 +1,335 @@
+"""Readers and writers between instruction-data files and the canonical example frame.
+
+Containers: ``.json`` (an array), ``.jsonl``, ``.parquet`` and a Hugging Face ``datasets`` folder
+saved with ``save_to_disk``. Record formats (``--format``):
+
+=========  ==========================================================  =====================
+format     record                                                      read by
+=========  ==========================================================  =====================
+alpaca     ``instruction``, ``input``, ``output`` [, ``system``,       LLaMA-Factory (alpaca)
+           ``history`` = earlier [user, assistant] pairs]
+sharegpt   ``conversations`` = [{"from": human|gpt|system, "value"}]   LLaMA-Factory, Axolotl
+messages   ``messages`` = [{"role", "content"}]                        TRL, OpenAI fine-tuning
+canonical  this project's own Parquet (``uid``, ``messages``, ...)     sft-select
+=========  ==========================================================  =====================
+
+Every bad record raises :class:`InputError` naming the file, the record (and line where there is
+one) and the field. With ``on_error="skip"`` the record is set aside with its reason instead, so
+nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+import pyarrow as pa
+
+from .examples import ROLE_ALIASES, SCHEMA, frame, make_example, user_text
+
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "canonical")
+WRITE_FORMATS = ("alpaca", "sharegpt", "messages", "parquet")
+MAX_RECORD_CHARS = 1_000_000
+
+
+class InputError(ValueError):
+    """A problem with one input file or record, naming where it is."""
+
+    def __init__(self, file: str | Path, message: str, *, record: int | None = None, line: int | None = None,
+                 field: str | None = None):
+        self.file, self.record, self.line, self.field, self.reason = str(file), record, line, field, message
+        where = [self.file]
+        if record is not None:
+            where.append(f"record {record}")
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+@dataclass
+class ReadResult:
+    """The examples read from one file, the records set aside and the duplicates dropped."""
+
+    examples: pl.DataFrame
+    records: int
+    rejected: list[InputError] = field(default_factory=list)
+    duplicates: int = 0
+    format: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# containers
+
+
+def _raw_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
+    """(record index, line or None, raw record) for every record of a file or folder."""
+    if path.is_dir():
+        state = path / "state.json"
+        if not state.is_file():
+            raise InputError(path, "a folder must be a Hugging Face dataset saved with save_to_disk (no state.json)")
+        files = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        index = 0
+        for name in files:
+            with pa.memory_map(str(path / name)) as source:
+                for batch in pa.ipc.open_stream(source):
+                    for row in batch.to_pylist():
+                        yield index, None, row
+                        index += 1
+        return
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        for index, row in enumerate(pl.read_parquet(path).iter_rows(named=True)):
+            yield index, None, row
+    elif suffix == ".jsonl":
+        with path.open("rb") as f:
+            index = 0
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield index, line_no, InputError(path, f"not UTF-8 ({e.reason} at byte {e.start} of the line)",
+                                                     record=index, line=line_no)
+                    index += 1
+                    continue
+                try:
+                    yield index, line_no, json.loads(text)
+                except json.JSONDecodeError as e:
+                    yield index, line_no, InputError(path, f"malformed JSON: {e.msg} (column {e.colno})",
+                                                     record=index, line=line_no)
+                index += 1
+    elif suffix == ".json":
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise InputError(path, f"not UTF-8 ({e.reason} at byte {e.start})", line=line) from None
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=e.lineno) from None
+        if isinstance(records, dict):  # {"data": [...]} and similar wrappers
+            lists = [v for v in records.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise InputError(path, "expected a JSON array of records")
+            records = lists[0]
+        if not isinstance(records, list):
+            raise InputError(path, "expected a JSON array of records")
+        for index, row in enumerate(records):
+            yield index, None, row
+    else:
+        raise InputError(path, f"unknown file type '{suffix}'; expected .json, .jsonl, .parquet or a datasets folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# record formats
+
+
+def detect_format(record: Any) -> str:
+    if isinstance(record, dict):
+        if "uid" in record and "messages" in record and "source" in record:
+            return "canonical"
+        if "conversations" in record:
+            return "sharegpt"
+        if "messages" in record:
+            return "messages"
+        if "instruction" in record:
+            return "alpaca"
+    return "unknown"
+
+
+def _text(rec: dict, key: str, *, required: bool, name: str | None = None) -> str:
+    value = rec.get(key)
+    name = name or key
+    if value is None:
+        if required:
+            raise KeyError(name, "missing")
+        return ""
+    if not isinstance(value, str):
+        raise KeyError(name, f"expected text, got {type(value).__name__}")
+    if required and not value.strip():
+        raise KeyError(name, "empty")
+    return value
+
+
+def _turns(rec: dict, key: str, role_key: str, content_key: str) -> list[dict[str, str]]:
+    turns = rec.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise KeyError(key, "missing or empty" if not turns else "expected a list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise KeyError(f"{key}[{i}]", "expected an object")
+        role = ROLE_ALIASES.get(str(turn.get(role_key, "")).lower())
+        if role is None:
+            raise KeyError(f"{key}[{i}].{role_key}", f"unknown role {turn.get(role_key)!r}")
+        messages.append({"role": role, "content": _text(turn, content_key, required=role != "system",
+                                                         name=f"{key}[{i}].{content_key}")})
+    return messages
+
+
+def _check_conversation(messages: list[dict[str, str]], key: str) -> None:
+    if not any(m["role"] == "user" for m in messages):
+        raise KeyError(key, "no user turn")
+    if messages[-1]["role"] != "assistant":
+        raise KeyError(key, "the last turn must be the assistant's answer")
+
+
+def _to_example(rec: Any, fmt: str, source: str) -> dict[str, Any]:
+    """One raw record to a canonical row; a KeyError(field, reason) names what is wrong."""
+    if not isinstance(rec, dict):
+        raise KeyError("record", f"expected an object, got {type(rec).__name__}")
+    if fmt == "canonical":
+        meta = rec.get("meta") or "{}"
+        return make_example(rec["messages"], source=rec.get("source") or source, meta=json.loads(meta),
+                            instruction=rec.get("instruction"), input=rec.get("input"))
+    if fmt == "alpaca":
+        instruction = _text(rec, "instruction", required=True)
+        input = _text(rec, "input", required=False)
+        output = _text(rec, "output", required=True)
+        system = _text(rec, "system", required=False)
+        messages = [{"role": "system", "content": system}] if system.strip() else []
+        history = rec.get("history") or []
+        if not isinstance(history, list):
+            raise KeyError("history", "expected a list of [user, assistant] pairs")
+        for i, pair in enumerate(history):
+            if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+                raise KeyError(f"history[{i}]", "expected a [user, assistant] pair of texts")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        messages += [{"role": "user", "content": user_text(instruction, input)}, {"role": "assistant", "content": output}]
+        known = {"instruction", "input", "output", "system", "history"}
+        return make_example(messages, source=source, meta={k: v for k, v in rec.items() if k not in known},
+                            instruction=instruction, input=input)
+    if fmt == "sharegpt":
+        messages = _turns(rec, "conversations", "from", "value")
+        system = _text(rec, "system", required=False)
+        if system.strip() and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        _check_conversation(messages, "conversations")
+        meta = {k: v for k, v in rec.items() if k not in {"conversations", "system"}}
+        return make_example(messages, source=source, meta=meta)
+    if fmt == "messages":
+        messages = _turns(rec, "messages", "role", "content")
+        _check_conversation(messages, "messages")
+        return make_example(messages, source=source, meta={k: v for k, v in rec.items() if k != "messages"})
+    raise AssertionError(fmt)
+
+
+def _check_size(rec: dict[str, Any], max_chars: int) -> None:
+    for m in rec["messages"]:
+        if len(m["content"]) > max_chars:
+            name = "output" if m["content"] == rec["output"] else "instruction" if m["role"] == "user" else m["role"]
+            raise KeyError(name, f"{len(m['content']):,} characters, over the limit of {max_chars:,} "
+                                 "(raise it with --max-record-chars)")
+
+
+def read_examples(
+    path: str | Path,
+    format: str = "auto",
+    *,
+    on_error: Literal["stop", "skip"] = "stop",
+    source: str | None = None,
+    max_record_chars: int = MAX_RECORD_CHARS,
+) -> ReadResult:
+    """Read a file of instruction data into canonical examples (duplicates kept once, counted)."""
+    path = Path(path)
+    if format not in FORMATS:
+        raise InputError(path, f"unknown format '{format}'; formats: {', '.join(FORMATS)}")
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    source = source if source is not None else path.stem
+    rows: dict[str, dict[str, Any]] = {}
+    rejected: list[InputError] = []
+    duplicates = records = 0
+    fmt = None if format == "auto" else format
+    for index, line, rec in _raw_records(path):
+        records += 1
+        try:
+            if isinstance(rec, InputError):
+                raise rec
+            if fmt is None:
+                fmt = detect_format(rec)
+                if fmt == "unknown":
+                    keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
+                    raise InputError(path, f"cannot tell the format from the first record's keys ({keys}); "
+                                           f"pass --format, one of {', '.join(FORMATS[1:])}", record=index, line=line)
+            try:
+                row = _to_example(rec, fmt, source)
+                _check_size(row, max_record_chars)
+            except KeyError as e:
+                name, reason = e.args
+                raise InputError(path, reason, record=index, line=line, field=name) from None
+        except InputError as error:
+            if on_error != "skip" or fmt is None:
+                raise
+            rejected.append(error)
+            continue
+        if row["uid"] in rows:
+            duplicates += 1
+        else:
+            rows[row["uid"]] = row
+    return ReadResult(frame(list(rows.values())), records, rejected, duplicates, fmt or format)
+
+
+# ---------------------------------------------------------------------------------------------
+# writers
+
+
+def _alpaca(row: dict[str, Any]) -> dict[str, Any]:
+    messages = row["messages"]
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    turns = [m for m in messages if m["role"] != "system"]
+    history = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 2, 2)]
+    single = len(turns) == 2 and user_text(row["instruction"], row["input"]) == turns[0]["content"]
+    record = {
+        "instruction": row["instruction"] if single else turns[-2]["content"],
+        "input": row["input"] if single else "",
+        "output": turns[-1]["content"],
+    }
+    if system:
+        record["system"] = system
+    if history:
+        record["history"] = history
+    return record
+
+
+def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in row["messages"]]}
+
+
+def _messages(row: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+
+
+def write_examples(examples: pl.DataFrame, path: str | Path, format: str) -> Path:
+    """Write examples as ``alpaca`` (JSON), ``sharegpt`` (JSON), ``messages`` (JSONL) or ``parquet``.
+
+    The file is written under a temporary name and renamed, so a reader never sees half of it.
+    """
+    path = Path(path)
+    if format not in WRITE_FORMATS:
+        raise ValueError(f"unknown export format '{format}'; formats: {', '.join(WRITE_FORMATS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if format == "parquet":
+        examples.select(list(SCHEMA)).write_parquet(tmp)
+    else:
+        convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}[format]
+        records = [convert(row) for row in examples.iter_rows(named=True)]
+        with tmp.open("w", encoding="utf-8") as f:
+            if format == "messages":
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            else:
+                json.dump(records, f, ensure_ascii=False, indent=1)
+    tmp.replace(path)
+    return path

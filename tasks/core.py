@@ -1,0 +1,143 @@
+"""What every task shares: the store of this process, small result references, and the helper
+that turns a plain batch function into a cached, resumable Prefect task.
+
+Tasks return small pydantic references (ids, hashes, counts), never frames: Prefect persists them
+as JSON, and the data stays in the Parquet files the references name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import polars as pl
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+from pydantic import BaseModel
+
+from sft_select.settings import settings
+from sft_select.storage import DatasetInfo, Signal, Store
+from sft_select.storage.signals import Compute, FillReport
+
+log = logging.getLogger("sft_select")
+
+
+@lru_cache(maxsize=4)
+def _store(home: str, timeout: float) -> Store:
+    return Store(home, timeout)
+
+
+def get_store() -> Store:
+    """The store under ``SFT_SELECT_HOME`` (re-read each call, so tests may point it elsewhere)."""
+    s = settings()
+    return _store(str(s.home), s.catalog_lock_timeout_s)
+
+
+class DatasetRef(BaseModel):
+    """A registered dataset version: what tasks pass around instead of the examples."""
+
+    name: str
+    version: int
+    fingerprint: str
+    rows: int
+
+    @classmethod
+    def of(cls, info: DatasetInfo) -> DatasetRef:
+        return cls(name=info.name, version=info.version, fingerprint=info.fingerprint, rows=info.rows)
+
+    @classmethod
+    def load(cls, name: str, version: int | None = None) -> DatasetRef:
+        return cls.of(get_store().datasets.get(name, version))
+
+    def read(self, columns: list[str] | None = None) -> pl.DataFrame:
+        return get_store().datasets.read(self.name, self.version, columns)
+
+
+class SignalRef(BaseModel):
+    """A signal filled for a dataset: its id and what filling it cost."""
+
+    signal_id: str
+    name: str
+    fingerprint: str
+    rows: int
+    computed: int
+    reused: int
+    errors: int
+    usage: dict[str, float] = {}
+
+
+class SignalIncomplete(RuntimeError):
+    """Some examples failed and may still be retried; raised after every batch is on disk so that
+    Prefect's task retry (or a re-run) picks up exactly those."""
+
+
+def fill_signal(
+    signal: Signal,
+    dataset: DatasetRef,
+    build: Callable[[Signal], Compute],
+    *,
+    batch_size: int = 32,
+    max_attempts: int = 3,
+    order_by: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+    examples: pl.DataFrame | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SignalRef:
+    """Plain function: compute ``signal`` for the dataset's examples that lack it, batch by batch.
+
+    ``build(signal)`` returns the batch function; it is called only when something is missing, so
+    a fully reused signal never loads a model.
+    """
+    store = get_store()
+    examples = dataset.read() if examples is None else examples
+    compute: Compute | None = None
+
+    def lazy(batch: pl.DataFrame):
+        nonlocal compute
+        if compute is None:
+            compute = build(signal)
+        return compute(batch)
+
+    report: FillReport = store.signals.fill(signal, examples, lazy, batch_size=batch_size,
+                                            max_attempts=max_attempts, order_by=order_by, progress=progress)
+    values = store.signals.read(signal, examples["uid"])
+    errors = values.filter(pl.col("error").is_not_null())
+    retryable = errors.filter(pl.col("attempts") < max_attempts).height
+    log.info("%s: %d reused, %d computed, %d errors", signal.id, report.reused, report.computed, errors.height)
+    if retryable:
+        sample = errors["error"].head(3).to_list()
+        raise SignalIncomplete(f"{signal.id}: {retryable} examples failed and will be retried "
+                               f"(first errors: {sample})")
+    return SignalRef(signal_id=signal.id, name=signal.name, fingerprint=dataset.fingerprint, rows=examples.height,
+                     computed=report.computed, reused=report.reused, errors=errors.height, usage=report.usage)
+
+
+def _signal_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return f"signal-{parameters['signal'].id}-{parameters['dataset'].fingerprint}"
+
+
+def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: int = 32, max_attempts: int = 3,
+                order_by: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+                retry_delay_seconds: list[float] | None = None):
+    """Make a Prefect task ``(signal, dataset) -> SignalRef`` from a batch-function builder.
+
+    Cache key: the signal id and the dataset fingerprint (content, never a path). The task retries
+    ``max_attempts - 1`` times; each retry computes only the examples still missing or failed.
+    """
+
+    @task(name=name, task_run_name=f"{name}[{{signal.name}}]", cache_key_fn=_signal_cache_key,
+          persist_result=True, result_serializer="json", retries=max_attempts - 1,
+          retry_delay_seconds=retry_delay_seconds or [2, 8, 30][: max_attempts - 1])
+    def run(signal: Signal, dataset: DatasetRef, batch_size: int = batch_size) -> SignalRef:
+        artifact = create_progress_artifact(0.0, description=f"{signal.id} on {dataset.name}@{dataset.version}")
+
+        def progress(done: int, total: int) -> None:
+            update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+            log.info("%s: %d/%d computed", signal.id, done, total)
+
+        return fill_signal(signal, dataset, build, batch_size=batch_size, max_attempts=max_attempts,
+                           order_by=order_by, progress=progress)
+
+    return run
