@@ -14,7 +14,11 @@ from .settings import settings
 
 __version__ = "0.1.0"
 
+settings().home.mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_HOME", str(settings().home / "prefect"))
+# The temporary server a flow starts without PREFECT_API_URL needs longer than Prefect's default on a
+# busy 2-core machine, the first time above all (it creates its database).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -42,6 +42,7 @@ class InputError(ValueError):
     def __init__(self, file: str | Path, message: str, *, record: int | None = None, line: int | None = None,
                  field: str | None = None):
         self.file, self.record, self.line, self.field, self.reason = str(file), record, line, field, message
+        self.data: Any = None  # the raw record, kept when the record is set aside
         where = [self.file]
         if record is not None:
             where.append(f"record {record}")
@@ -270,6 +271,7 @@ def read_examples(
         except InputError as error:
             if on_error != "skip" or fmt is None:
                 raise
+            error.data = None if isinstance(rec, InputError) else rec
             rejected.append(error)
             continue
         if row["uid"] in rows:

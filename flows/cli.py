@@ -1,0 +1,152 @@
+"""The command line: `sft-select --help`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+
+app = typer.Typer(help="Select the best subset of an instruction-tuning dataset.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+
+def _print(df: pl.DataFrame, empty: str) -> None:
+    if df.height == 0:
+        typer.echo(empty)
+        return
+    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True):
+        typer.echo(df)
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _store():
+    from sft_select.tasks.core import get_store
+
+    return get_store()
+
+
+@app.command()
+def ingest(
+    path: Annotated[Path, typer.Argument(help="File (.json, .jsonl, .parquet) or datasets folder.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Dataset name.")],
+    format: Annotated[str, typer.Option(help="auto, alpaca, sharegpt, messages or canonical.")] = "auto",
+    on_error: Annotated[str, typer.Option(help="stop (default) or skip bad records.")] = "stop",
+    max_record_chars: Annotated[int, typer.Option(help="Longest turn accepted.")] = 1_000_000,
+) -> None:
+    """Register a pool of instruction data as a dataset and print its statistics."""
+    from sft_select.flows.ingest import IngestParams, ingest as ingest_flow
+    from sft_select.storage import InputError
+
+    try:
+        params = IngestParams(path=str(path), name=name, format=format, on_error=on_error,
+                              max_record_chars=max_record_chars)
+        ref = ingest_flow(params)
+    except (InputError, ValueError, KeyError) as e:
+        _fail(e)
+    report = _store().datasets.list().filter((pl.col("name") == ref.name) & (pl.col("version") == ref.version))
+    _print(report, "")
+
+
+@app.command()
+def datasets() -> None:
+    """List registered datasets and their versions."""
+    _print(_store().datasets.list(), "No datasets yet: add one with `sft-select ingest PATH --name NAME`.")
+
+
+@app.command()
+def signals() -> None:
+    """List computed signals with their cost."""
+    df = _store().catalog.query(
+        "SELECT s.signal_id, s.model, s.calls, s.prompt_tokens + s.completion_tokens AS tokens, "
+        "round(s.seconds, 1) AS seconds, round(s.cost_usd, 4) AS cost_usd, "
+        "coalesce(sum(p.rows), 0) AS rows, coalesce(sum(p.errors), 0) AS errors "
+        "FROM signals s LEFT JOIN signal_parts p USING (signal_id) GROUP BY ALL ORDER BY s.created_at")
+    _print(df, "No signals computed yet.")
+
+
+@app.command()
+def selections() -> None:
+    """List saved selections."""
+    _print(_store().selections.list().drop("params"), "No selections yet: run one with `sft-select run METHOD`.")
+
+
+@app.command()
+def export(
+    name: Annotated[str, typer.Argument(help="A dataset name or a selection id.")],
+    to: Annotated[str, typer.Option("--to", help="alpaca, sharegpt, messages or parquet.")],
+    path: Annotated[Path, typer.Argument(help="Output file.")],
+) -> None:
+    """Write a dataset or a selection as a training file."""
+    from sft_select.storage import write_examples
+
+    store = _store()
+    try:
+        if name in store.selections.list()["selection_id"].to_list():
+            row = store.catalog.query("SELECT dataset, fingerprint FROM selections WHERE selection_id = ?", [name])
+            ds_name, version = row["dataset"][0].rsplit("@", 1)
+            pool = store.datasets.read(ds_name, int(version))
+            examples = store.selections.read(name).select("uid").join(pool, on="uid", maintain_order="left")
+        else:
+            examples = store.datasets.read(name)
+        out = write_examples(examples, path, to)
+    except (KeyError, ValueError) as e:
+        _fail(e)
+    typer.echo(f"wrote {examples.height} examples to {out} ({to})")
+
+
+@app.command()
+def run(
+    method: Annotated[str, typer.Argument(help="Selection method, e.g. random, longest, coreset, alpagasus.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name.")],
+    budget: Annotated[float | None, typer.Option(help="Count (>= 1) or fraction (< 1).")] = 0.1,
+    judge: Annotated[str | None, typer.Option(help="LLM for judge methods: local, local:MODEL, openai:MODEL.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Other parameters, KEY=VALUE (JSON values).")] = None,
+) -> None:
+    """Run one selection method as a Prefect flow and print where its selection went."""
+    from sft_select.flows.registry import load_flow, params_model
+
+    try:
+        flow = load_flow(method)
+        values: dict = {"dataset": dataset, "budget": budget}
+        model = params_model(flow)
+        if judge is not None:
+            if "judge" not in model.model_fields:
+                raise ValueError(f"{method} takes no judge")
+            values["judge"] = judge
+        for item in set_ or []:
+            key, _, raw = item.partition("=")
+            try:
+                values[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                values[key] = raw
+        ref = flow(model(**values))
+    except (KeyError, ValueError) as e:
+        _fail(e)
+    typer.echo(f"{ref.method}: {ref.rows} examples -> selection {ref.selection_id}, training file {ref.export_path}")
+
+
+@app.command()
+def demo(
+    path: Annotated[Path | None, typer.Option(help="Pool to use instead of the shipped demo pool.")] = None,
+    budget: Annotated[float, typer.Option(help="Count (>= 1) or fraction (< 1).")] = 0.2,
+) -> None:
+    """The main job on embedded defaults: ingest a pool, run every baseline and method, compare."""
+    from sft_select.flows.demo import demo as demo_flow
+
+    try:
+        demo_flow(str(path) if path else None, budget)
+    except (KeyError, ValueError) as e:
+        _fail(e)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,32 @@
+"""The one list of selection flows: the CLI's `run`, the demo and the deployments all read it."""
+
+from __future__ import annotations
+
+import importlib
+import typing
+
+from prefect import Flow
+from pydantic import BaseModel
+
+# method name -> "module:flow function"
+METHODS: dict[str, str] = {
+    "random": "sft_select.flows.random_subset:random_subset",
+    "longest": "sft_select.flows.longest:longest",
+}
+# flows that are not selection methods, deployed too
+OTHER_FLOWS: dict[str, str] = {
+    "ingest": "sft_select.flows.ingest:ingest",
+}
+
+
+def load_flow(name: str) -> Flow:
+    target = METHODS.get(name) or OTHER_FLOWS.get(name)
+    if target is None:
+        raise KeyError(f"unknown method {name!r}; methods: {', '.join(sorted(METHODS))}")
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def params_model(flow: Flow) -> type[BaseModel]:
+    """The pydantic model of a flow's single ``params`` argument."""
+    return typing.get_type_hints(flow.fn)["params"]

@@ -1,0 +1,202 @@
+"""Readers, writers and bad input: real files, real errors."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from sft_select.storage import InputError, read_examples, write_examples
+from sft_select.storage.examples import uid_of
+
+TRAIN = {  # file -> (records, kept, duplicates, rejected: empty outputs in the upstream data)
+    "alpaca_9k.json": (9229, 9225, 0, 4),
+    "dolly_3k.json": (2996, 2994, 2, 0),
+    "code_alpaca_2k.json": (2017, 2015, 0, 2),
+    "lima_1k.json": (1029, 1029, 0, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN))
+def test_every_shared_train_file_ingests(shared_data, name):
+    result = read_examples(shared_data / "train" / name, on_error="skip")
+    records, kept, duplicates, rejected = TRAIN[name]
+    assert (result.records, result.examples.height, result.duplicates, len(result.rejected)) == (
+        records, kept, duplicates, rejected)
+    assert result.examples["uid"].n_unique() == kept
+    for error in result.rejected:  # the upstream files have a few empty answers: named, not dropped silently
+        assert error.field == "output" and error.reason == "empty" and error.data["output"] == ""
+
+
+def test_lima_keeps_its_multi_turn_history(shared_data):
+    raw = json.loads((shared_data / "train" / "lima_1k.json").read_text())
+    examples = read_examples(shared_data / "train" / "lima_1k.json").examples
+    multi = [r for r in raw if r.get("history")]
+    assert multi, "lima_1k has multi-turn records"
+    by_output = {row["output"]: row for row in examples.iter_rows(named=True)}
+    for rec in multi[:10]:
+        row = by_output[rec["output"].strip()]
+        assert len(row["messages"]) == 2 * len(rec["history"]) + 2
+        assert row["messages"][0] == {"role": "user", "content": rec["history"][0][0].strip()}
+        assert row["messages"][-1]["role"] == "assistant"
+
+
+def test_dolly_keeps_category_in_meta(shared_data):
+    examples = read_examples(shared_data / "train" / "dolly_3k.json").examples
+    assert json.loads(examples["meta"][0])["category"]
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "parquet"])
+def test_round_trip_through_every_writer_keeps_uids(shared_data, tmp_path, fmt):
+    examples = read_examples(shared_data / "train" / "lima_1k.json").examples.head(300)
+    suffix = {"alpaca": ".json", "sharegpt": ".json", "messages": ".jsonl", "parquet": ".parquet"}[fmt]
+    path = write_examples(examples, tmp_path / f"out{suffix}", fmt)
+    back = read_examples(path).examples
+    assert back["uid"].to_list() == examples["uid"].to_list()
+    assert back["messages"].to_list() == examples["messages"].to_list()
+    if fmt in ("alpaca", "parquet"):  # these keep the instruction / input split
+        assert back["input"].to_list() == examples["input"].to_list()
+
+
+def test_same_example_same_uid_across_formats(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Add.", "input": "2 + 2", "output": "4"}]))
+    (tmp_path / "s.jsonl").write_text(json.dumps(
+        {"conversations": [{"from": "human", "value": "Add.\n\n2 + 2"}, {"from": "gpt", "value": " 4 "}]}) + "\n")
+    (tmp_path / "m.jsonl").write_text(json.dumps(
+        {"messages": [{"role": "user", "content": "Add.\n\n2 + 2"}, {"role": "assistant", "content": "4"}]}) + "\n")
+    uids = {read_examples(tmp_path / f).examples["uid"][0] for f in ("a.json", "s.jsonl", "m.jsonl")}
+    assert uids == {uid_of([{"role": "user", "content": "Add.\n\n2 + 2"}, {"role": "assistant", "content": "4"}])}
+
+
+def test_hugging_face_datasets_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(5)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    result = read_examples(tmp_path / "hf")
+    assert result.format == "alpaca" and result.examples["output"].to_list() == ["0", "1", "2", "3", "4"]
+
+
+def test_parquet_with_alpaca_columns(tmp_path):
+    pl.DataFrame({"instruction": ["a", "b"], "input": ["", "x"], "output": ["1", "2"]}).write_parquet(
+        tmp_path / "p.parquet")
+    assert read_examples(tmp_path / "p.parquet").examples["instruction"].to_list() == ["a", "b"]
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+def _error(path, **kw) -> InputError:
+    with pytest.raises(InputError) as info:
+        read_examples(path, **kw)
+    return info.value
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]\n')
+    error = _error(path)
+    assert error.line == 3 and "bad.json" in str(error) and "line 3" in str(error)
+
+
+def test_malformed_jsonl_line_stops_or_is_skipped(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"instruction": "a", "output": "b"})
+    path.write_text(f"{good}\n{{not json\n{json.dumps({'instruction': 'c', 'output': 'd'})}\n")
+    error = _error(path)
+    assert (error.record, error.line) == (1, 2) and "malformed JSON" in str(error)
+    result = read_examples(path, on_error="skip")
+    assert result.examples.height == 2 and len(result.rejected) == 1 and result.rejected[0].line == 2
+
+
+@pytest.mark.parametrize("record,field,reason", [
+    ({"input": "x", "output": "y"}, "instruction", "missing"),
+    ({"instruction": "x"}, "output", "missing"),
+    ({"instruction": "   ", "output": "y"}, "instruction", "empty"),
+    ({"instruction": "x", "output": ""}, "output", "empty"),
+    ({"instruction": "x", "output": 3}, "output", "expected text, got int"),
+])
+def test_missing_or_empty_field_names_record_and_field(tmp_path, record, field, reason):
+    path = tmp_path / "recs.json"
+    path.write_text(json.dumps([{"instruction": "ok", "output": "fine"}, record]))
+    error = _error(path)
+    assert (error.record, error.field, error.reason) == (1, field, reason)
+    assert f"record 1, field '{field}': {reason}" in str(error)
+    skipped = read_examples(path, on_error="skip")
+    assert skipped.examples.height == 1 and skipped.rejected[0].data == record  # the raw record is kept
+
+
+def test_sharegpt_turn_errors_name_the_turn(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "alien", "value": "x"}]}))
+    error = _error(path)
+    assert error.field == "conversations[1].from" and "unknown role" in error.reason
+    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}))
+    assert "last turn must be the assistant" in _error(path).reason
+
+
+def test_non_utf8_bytes(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(json.dumps({"instruction": "ok", "output": "fine"}).encode() + b"\n"
+                     + b'{"instruction": "caf\xe9", "output": "x"}\n')
+    error = _error(path)
+    assert error.line == 2 and "not UTF-8" in error.reason
+    assert read_examples(path, on_error="skip").examples.height == 1
+    whole = tmp_path / "latin.json"
+    whole.write_bytes(b'[{"instruction": "caf\xe9", "output": "x"}]')
+    assert "not UTF-8" in _error(whole).reason
+
+
+def test_ten_megabyte_record_is_refused_with_its_size(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"instruction": "Summarise.", "output": "x" * 10_000_000}) + "\n"
+                    + json.dumps({"instruction": "ok", "output": "fine"}) + "\n")
+    error = _error(path)
+    assert error.record == 0 and error.field == "output" and "10,000,000 characters" in error.reason
+    assert read_examples(path, max_record_chars=20_000_000).examples.height == 2
+
+
+def test_duplicates_are_kept_once_and_counted(tmp_path):
+    rec = {"instruction": "Name a colour.", "output": "Blue."}
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps([rec, rec, {**rec, "output": "  Blue.  "}, {"instruction": "x", "output": "y"}]))
+    result = read_examples(path)
+    assert (result.examples.height, result.duplicates) == (2, 2)
+
+
+def test_unknown_format_lists_the_formats(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text("[]")
+    assert "formats: auto, alpaca, sharegpt, messages, canonical" in str(_error(path, format="csv"))
+    path.write_text(json.dumps([{"question": "q", "answer": "a"}]))
+    assert "cannot tell the format" in str(_error(path))
+    (tmp_path / "a.csv").write_text("x")
+    assert "unknown file type '.csv'" in str(_error(tmp_path / "a.csv"))
+
+
+def test_unsafe_names_never_reach_sql(store):
+    examples = read_examples_frame()
+    for name in ["x'; DROP TABLE datasets; --", "", "../up", "a b"]:
+        with pytest.raises(ValueError, match="not allowed"):
+            store.datasets.register(name, examples)
+    assert store.datasets.list().height == 0
+
+
+def read_examples_frame() -> pl.DataFrame:
+    from sft_select.storage.examples import frame, make_example
+
+    return frame([make_example([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])])
+
+
+def test_register_same_content_is_a_no_op_and_change_is_a_new_version(store):
+    from sft_select.storage.examples import frame, make_example
+
+    rows = [make_example([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}])
+            for i in range(3)]
+    first = store.datasets.register("pool", frame(rows))
+    again = store.datasets.register("pool", frame(list(reversed(rows))))
+    changed = store.datasets.register("pool", frame(rows[:2]))
+    assert (first.version, first.created) == (1, True)
+    assert (again.version, again.created, again.fingerprint) == (1, False, first.fingerprint)
+    assert (changed.version, changed.created) == (2, True)
+    assert store.datasets.read("pool", 1).height == 3 and store.datasets.read("pool").height == 2
