@@ -34,6 +34,7 @@ from .examples import ROLE_ALIASES, SCHEMA, frame, make_example, user_text
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "canonical")
 WRITE_FORMATS = ("alpaca", "sharegpt", "messages", "parquet")
 MAX_RECORD_CHARS = 1_000_000
+CHUNK = 50_000
 
 
 class InputError(ValueError):
@@ -247,7 +248,9 @@ def read_examples(
     if not path.exists():
         raise InputError(path, "no such file or folder")
     source = source if source is not None else path.stem
-    rows: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    chunks: list[pl.DataFrame] = []  # rows become frames every CHUNK records, to bound memory
     rejected: list[InputError] = []
     duplicates = records = 0
     fmt = None if format == "auto" else format
@@ -274,11 +277,16 @@ def read_examples(
             error.data = None if isinstance(rec, InputError) else rec
             rejected.append(error)
             continue
-        if row["uid"] in rows:
+        if row["uid"] in seen:
             duplicates += 1
-        else:
-            rows[row["uid"]] = row
-    return ReadResult(frame(list(rows.values())), records, rejected, duplicates, fmt or format)
+            continue
+        seen.add(row["uid"])
+        rows.append(row)
+        if len(rows) == CHUNK:
+            chunks.append(frame(rows))
+            rows = []
+    examples = pl.concat([*chunks, frame(rows)], rechunk=True)
+    return ReadResult(examples, records, rejected, duplicates, fmt or format)
 
 
 # ---------------------------------------------------------------------------------------------

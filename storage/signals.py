@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .catalog import Catalog
 
@@ -160,16 +163,36 @@ class SignalStore:
             },
             schema={"uid": pl.String, "value": VALUE_DTYPES[signal.kind], "raw": pl.String, "error": pl.String},
         )
+        if signal.kind == "vector":  # fixed width: compact on disk, zero-copy into numpy
+            widths = df["value"].list.len().drop_nulls().unique()
+            if widths.len() == 1:
+                df = df.with_columns(pl.col("value").list.to_array(int(widths[0])))
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         tmp, final = folder / f".tmp-{name}", folder / name
         with tmp.open("wb") as f:
-            df.write_parquet(f)
+            # float vectors barely compress, and uncompressed pages decode several times faster
+            df.write_parquet(f, compression="uncompressed" if signal.kind == "vector" else "zstd")
             f.flush()
             os.fsync(f.fileno())
         tmp.rename(final)
         self.catalog.add_part(signal.id, str(final.relative_to(self.root)), df.height,
                               int(df["error"].is_not_null().sum()), dict(usage or {}))
         return final
+
+    def reconcile(self, signal: Signal) -> int:
+        """Index parts that are on disk but not in the catalog (a process killed between the rename
+        and the catalog insert). The files are the truth; the catalog is their index."""
+        parts = {str(p.relative_to(self.root)): p for p in self._parts(signal)}
+        if not parts:
+            return 0
+        known = set(self.catalog.query("SELECT path FROM signal_parts WHERE signal_id = ?", [signal.id])["path"])
+        added = 0
+        for rel, path in parts.items():
+            if rel not in known:
+                df = pl.read_parquet(path, columns=["error"])
+                self.catalog.add_part(signal.id, rel, df.height, int(df["error"].is_not_null().sum()), {})
+                added += 1
+        return added
 
     def fill(
         self,
@@ -189,6 +212,7 @@ class SignalStore:
         """
         self.catalog.register_signal(signal.id, signal.name, dict(signal.params), signal.version, signal.kind,
                                      signal.model)
+        self.reconcile(signal)
         examples = examples.unique("uid", maintain_order=True)
         todo_uids = self.missing(signal, examples["uid"], max_attempts)
         report = FillReport(signal.id, requested=examples.height, reused=examples.height - len(todo_uids))
@@ -231,9 +255,43 @@ class SignalStore:
             .collect()
         )
 
+    def matrix(self, signal: Signal, uids: Sequence[str] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
+        """A vector signal as a float32 matrix aligned with ``uids`` and a mask of rows present.
+
+        Parts are read one at a time and scattered into the preallocated matrix (newer parts
+        overwrite older ones), so the peak memory is the matrix plus one part."""
+        wanted = pl.DataFrame({"uid": pl.Series(uids, dtype=pl.String)}).with_row_index("row")
+        matrix: np.ndarray | None = None
+        present = np.zeros(wanted.height, dtype=bool)
+        for part in self._parts(signal):
+            # pyarrow decodes fixed-size lists fastest; the vectors go straight to numpy, never to Python
+            table = pq.read_table(part, columns=["uid", "value", "error"])
+            keys = pl.from_arrow(table.select(["uid", "error"])).with_row_index("pos")
+            hit = keys.filter(pl.col("error").is_null()).join(wanted, on="uid", how="inner")
+            if hit.height == 0:
+                continue
+            column = table.column("value").combine_chunks()
+            if not pa.types.is_fixed_size_list(column.type):  # parts written before a width was known
+                column = column.cast(pa.list_(pa.float32(), len(column[int(hit["pos"][0])])))
+            block = column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1)
+            if matrix is None:
+                matrix = np.full((wanted.height, block.shape[1]), np.nan, dtype=np.float32)
+            rows = hit["row"].to_numpy()
+            matrix[rows] = block[hit["pos"].to_numpy()]
+            present[rows] = True
+        if matrix is None:
+            raise KeyError(f"signal {signal.id} has no values for these examples")
+        return matrix, present
+
     def values(self, signal: Signal, uids: Sequence[str] | pl.Series, alias: str | None = None) -> pl.DataFrame:
         """``uid`` and the value column (named ``alias`` or the signal name) for the given uids, in
         their order; null where there is no value (never computed, or failed)."""
-        got = self.read(signal, uids).select("uid", pl.col("value").alias(alias or signal.name))
-        wanted = pl.DataFrame({"uid": pl.Series(list(uids), dtype=pl.String)})
-        return wanted.join(got, on="uid", how="left", maintain_order="left")
+        wanted = pl.LazyFrame({"uid": pl.Series(uids, dtype=pl.String)})
+        scan = self._scan(signal)
+        if scan is None:
+            return wanted.with_columns(pl.lit(None, VALUE_DTYPES[signal.kind]).alias(alias or signal.name)).collect()
+        # Only value rows matter here; a uid computed twice (two concurrent runs) keeps the newest.
+        got = (scan.filter(pl.col("error").is_null()).select("_order", "uid", "value")
+               .join(wanted, on="uid", how="semi")
+               .sort("_order").unique("uid", keep="last").select("uid", pl.col("value").alias(alias or signal.name)))
+        return wanted.join(got, on="uid", how="left", maintain_order="left").collect()

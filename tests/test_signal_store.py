@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -128,5 +129,8 @@ def test_vector_and_tag_signals_round_trip(tmp_path):
     store.signals.fill(vec, examples, lambda b: BatchResult.of([[1.0, 0.0, float(i)] for i in range(b.height)]))
     store.signals.fill(tags, examples, lambda b: BatchResult.of([["math", "short"]] * b.height))
     v = store.signals.values(vec, examples["uid"])
-    assert v["vec"].to_list()[2] == [1.0, 0.0, 2.0] and v["vec"].dtype == pl.List(pl.Float32)
+    assert v["vec"].to_list()[2] == [1.0, 0.0, 2.0] and v["vec"].dtype == pl.Array(pl.Float32, 3)
+    matrix, present = store.signals.matrix(vec, [examples["uid"][3], "absent", examples["uid"][0]])
+    assert matrix.dtype == np.float32 and matrix.shape == (3, 3) and present.tolist() == [True, False, True]
+    assert matrix[0].tolist() == [1.0, 0.0, 3.0] and np.isnan(matrix[1]).all()
     assert store.signals.values(tags, examples["uid"])["tags"].to_list()[0] == ["math", "short"]
