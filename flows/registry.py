@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
 # flows that are not selection methods, deployed too
 OTHER_FLOWS: dict[str, str] = {
     "ingest": "sft_select.flows.ingest:ingest",
+    "demo": "sft_select.flows.demo:demo",
 }
 
 

@@ -28,7 +28,9 @@ def _load_dotenv(path: Path = Path(".env")) -> None:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.partition("=")
-        os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
+        value = value.strip().strip('"').strip("'")
+        if value:  # an empty line in .env means "use the default", not "set to empty"
+            os.environ.setdefault(key.strip(), value)
 
 
 class Settings(BaseModel):
