@@ -130,7 +130,7 @@ class SignalStore:
         if not parts:
             return None
         # Part names sort by creation time; the row order inside is kept, so "last" is the newest.
-        return pl.scan_parquet(parts).with_row_index("_order")
+        return pl.scan_parquet(parts)
 
     def status(self, signal: Signal) -> pl.DataFrame:
         """Per uid: ``ok`` (a value exists) and ``attempts`` (rows stored, errors included)."""
@@ -247,6 +247,7 @@ class SignalStore:
             scan = scan.join(pl.LazyFrame({"uid": pl.Series(list(uids), dtype=pl.String)}), on="uid", how="semi")
         return (
             scan.with_columns(attempts=pl.len().over("uid").cast(pl.UInt32))
+            .with_row_index("_order")
             .sort([pl.col("error").is_null(), "_order"])
             .group_by("uid")
             .last()
@@ -290,8 +291,8 @@ class SignalStore:
         scan = self._scan(signal)
         if scan is None:
             return wanted.with_columns(pl.lit(None, VALUE_DTYPES[signal.kind]).alias(alias or signal.name)).collect()
-        # Only value rows matter here; a uid computed twice (two concurrent runs) keeps the newest.
-        got = (scan.filter(pl.col("error").is_null()).select("_order", "uid", "value")
-               .join(wanted, on="uid", how="semi")
-               .sort("_order").unique("uid", keep="last").select("uid", pl.col("value").alias(alias or signal.name)))
+        # Only value rows matter here; a uid computed twice (two concurrent runs) keeps the newest
+        # (parts are scanned in creation order, and unique keeps the last occurrence in that order).
+        got = (scan.filter(pl.col("error").is_null()).select("uid", pl.col("value").alias(alias or signal.name))
+               .unique("uid", keep="last"))
         return wanted.join(got, on="uid", how="left", maintain_order="left").collect()
