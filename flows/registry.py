@@ -12,6 +12,7 @@ from pydantic import BaseModel
 METHODS: dict[str, str] = {
     "random": "sft_select.flows.random_subset:random_subset",
     "longest": "sft_select.flows.longest:longest",
+    "alpagasus": "sft_select.flows.alpagasus:alpagasus",
 }
 # flows that are not selection methods, deployed too
 OTHER_FLOWS: dict[str, str] = {

@@ -45,6 +45,7 @@ class Settings(BaseModel):
     openai_rpm: float | None
     openai_tpm: float | None
     openai_timeout_s: float
+    openai_price_per_mtok: tuple[float, float] | None
     encoder: str
     torch_threads: int | None
     model_cache: Path
@@ -69,6 +70,8 @@ def settings() -> Settings:
         openai_rpm=float(rpm) if rpm else None,
         openai_tpm=float(tpm) if tpm else None,
         openai_timeout_s=float(_env("SFT_SELECT_OPENAI_TIMEOUT_S", "120")),
+        openai_price_per_mtok=(float(_env("SFT_SELECT_OPENAI_PRICE_IN", "0")), float(_env("SFT_SELECT_OPENAI_PRICE_OUT", "0")))
+        if _env("SFT_SELECT_OPENAI_PRICE_IN") or _env("SFT_SELECT_OPENAI_PRICE_OUT") else None,
         encoder=_env("SFT_SELECT_ENCODER", "all-MiniLM-L6-v2"),
         torch_threads=int(threads) if threads else None,
         model_cache=Path(_env("SFT_SELECT_MODEL_CACHE", str(home / "models"))).expanduser(),

@@ -6,12 +6,12 @@ and its values are keyed by the example's content ``uid``, not by dataset or run
 for once is found again by any method, run or dataset holding the same example.
 
 On disk, ``signals/<signal_id>/part-*.parquet`` are immutable parts with columns
-``uid, value, raw, error``. Each part is written under a temporary name, flushed and renamed, so a
+``uid, value, raw, error, final``. Each part is written under a temporary name, flushed and renamed, so a
 crash never leaves a torn part. :meth:`SignalStore.fill` is the one batching loop of the project:
 it computes only what is missing (an anti-join), one batch at a time, each batch durable before
 the next starts, so a killed run loses at most the batch in flight. A failure for one example is a
 row with its error text, never a dropped row or a default value; it is retried on later runs up to
-``max_attempts``.
+``max_attempts``, unless it is marked ``final`` (asking again cannot change it).
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class Outcome:
     value: Any = None
     error: str | None = None
     raw: str | None = None
+    final: bool = False  # an error that asking again cannot fix (e.g. a greedy answer that does not parse)
 
 
 @dataclass
@@ -133,18 +134,21 @@ class SignalStore:
         return pl.scan_parquet(parts)
 
     def status(self, signal: Signal) -> pl.DataFrame:
-        """Per uid: ``ok`` (a value exists) and ``attempts`` (rows stored, errors included)."""
+        """Per uid: ``ok`` (a value exists), ``attempts`` (rows stored, errors included) and ``final``
+        (an error marked as not worth retrying)."""
         scan = self._scan(signal)
         if scan is None:
-            return pl.DataFrame(schema={"uid": pl.String, "ok": pl.Boolean, "attempts": pl.UInt32})
+            return pl.DataFrame(schema={"uid": pl.String, "ok": pl.Boolean, "attempts": pl.UInt32,
+                                        "final": pl.Boolean})
         return (scan.group_by("uid")
-                .agg(ok=pl.col("error").is_null().any(), attempts=pl.len().cast(pl.UInt32))
+                .agg(ok=pl.col("error").is_null().any(), attempts=pl.len().cast(pl.UInt32), final=pl.col("final").any())
                 .collect())
 
     def missing(self, signal: Signal, uids: Sequence[str] | pl.Series, max_attempts: int = 3) -> list[str]:
-        """The uids (in the given order) with no value yet and fewer than ``max_attempts`` errors."""
+        """The uids (in the given order) with no value yet, no final error and fewer than
+        ``max_attempts`` errors."""
         wanted = pl.DataFrame({"uid": pl.Series(list(uids), dtype=pl.String)}).unique("uid", maintain_order=True)
-        done = self.status(signal).filter(pl.col("ok") | (pl.col("attempts") >= max_attempts))
+        done = self.status(signal).filter(pl.col("ok") | pl.col("final") | (pl.col("attempts") >= max_attempts))
         return wanted.join(done, on="uid", how="anti", maintain_order="left")["uid"].to_list()
 
     def write(self, signal: Signal, uids: Sequence[str], outcomes: Sequence[Outcome],
@@ -160,8 +164,10 @@ class SignalStore:
                 "value": [o.value if o.error is None else None for o in outcomes],
                 "raw": [o.raw for o in outcomes],
                 "error": [o.error for o in outcomes],
+                "final": [o.error is not None and o.final for o in outcomes],
             },
-            schema={"uid": pl.String, "value": VALUE_DTYPES[signal.kind], "raw": pl.String, "error": pl.String},
+            schema={"uid": pl.String, "value": VALUE_DTYPES[signal.kind], "raw": pl.String, "error": pl.String,
+                    "final": pl.Boolean},
         )
         if signal.kind == "vector":  # fixed width: compact on disk, zero-copy into numpy
             widths = df["value"].list.len().drop_nulls().unique()
@@ -236,11 +242,11 @@ class SignalStore:
         return report
 
     def read(self, signal: Signal, uids: Sequence[str] | pl.Series | None = None) -> pl.DataFrame:
-        """One row per uid: ``uid, value, raw, error, attempts``; the newest value where one exists,
+        """One row per uid: ``uid, value, raw, error, final, attempts``; the newest value where one exists,
         else the newest error. With ``uids``, rows for those uids (absent ones are left out)."""
         scan = self._scan(signal)
         schema = {"uid": pl.String, "value": VALUE_DTYPES[signal.kind], "raw": pl.String, "error": pl.String,
-                  "attempts": pl.UInt32}
+                  "final": pl.Boolean, "attempts": pl.UInt32}
         if scan is None:
             return pl.DataFrame(schema=schema)
         if uids is not None:

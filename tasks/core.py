@@ -7,6 +7,7 @@ as JSON, and the data stays in the Parquet files the references name.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from functools import lru_cache
@@ -104,7 +105,7 @@ def fill_signal(
                                             max_attempts=max_attempts, order_by=order_by, progress=progress)
     values = store.signals.read(signal, examples["uid"])
     errors = values.filter(pl.col("error").is_not_null())
-    retryable = errors.filter(pl.col("attempts") < max_attempts).height
+    retryable = errors.filter(~pl.col("final") & (pl.col("attempts") < max_attempts)).height
     log.info("%s: %d reused, %d computed, %d errors", signal.id, report.reused, report.computed, errors.height)
     if retryable:
         sample = errors["error"].head(3).to_list()
@@ -114,8 +115,14 @@ def fill_signal(
                      computed=report.computed, reused=report.reused, errors=errors.height, usage=report.usage)
 
 
-def _signal_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return f"signal-{parameters['signal'].id}-{parameters['dataset'].fingerprint}"
+def _signal_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Content (signal id + dataset fingerprint) within this store; no key while the signal's folder
+    is absent (a wiped or different store), so a cached reference never outlives its values."""
+    store, signal = get_store(), parameters["signal"]
+    if not store.signals.dir(signal).is_dir():
+        return None
+    home = hashlib.sha256(str(store.home.resolve()).encode()).hexdigest()[:8]
+    return f"signal-{signal.id}-{parameters['dataset'].fingerprint}-{home}"
 
 
 def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: int = 32, max_attempts: int = 3,

@@ -134,3 +134,19 @@ def test_vector_and_tag_signals_round_trip(tmp_path):
     assert matrix.dtype == np.float32 and matrix.shape == (3, 3) and present.tolist() == [True, False, True]
     assert matrix[0].tolist() == [1.0, 0.0, 3.0] and np.isnan(matrix[1]).all()
     assert store.signals.values(tags, examples["uid"])["tags"].to_list()[0] == ["math", "short"]
+
+
+def test_final_errors_are_not_retried(tmp_path):
+    store = Store(tmp_path / "home")
+    sig = Signal("greedy_parse", {})
+    examples = _examples(3)
+    seen: list[str] = []
+
+    def compute(b):
+        seen.extend(b["uid"])
+        return BatchResult([Outcome(error="parse: no score", raw="I think so.", final=True)] * b.height)
+
+    store.signals.fill(sig, examples, compute)
+    store.signals.fill(sig, examples, compute)
+    assert len(seen) == 3  # asking again cannot change a greedy answer: asked once
+    assert store.signals.read(sig)["final"].to_list() == [True] * 3

@@ -1,0 +1,95 @@
+"""AlpaGasus (Chen et al. 2023, "AlpaGasus: Training a Better Alpaca with Fewer Data").
+
+Algorithm:
+  1. A strong LLM judge (ChatGPT in the paper; temperature 0, at most 256 tokens) sees each
+     example's instruction, input and response and rates the response's *accuracy* from 0 to 5,
+     writing the score on the first line and an explanation after it.
+  2. Keep the examples rated >= 4.5 (9,229 of Alpaca's 52k with ChatGPT), or the m best rated.
+
+``criterion="helpfulness"`` is the paper's other rating dimension (same scale and format). The
+prompts below are our own wording of the paper's rubric.
+
+Deviations: the judge is any backend (``judge``: "openai:<model>" on any OpenAI-compatible server,
+or the local default; ``None`` takes the configured one), and the rating is a signal, so it is
+paid for once per example and judge and then shared by every run and dataset. For a multi-turn
+example the judge sees the last exchange only (its instruction, input and response). An answer
+whose first line holds no score in [0, 5] is stored as an error with its raw text and the example
+is not selected (the paper does not say what it did with such answers).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import polars as pl
+from prefect import flow
+from pydantic import Field
+
+from sft_select.flows.common import MethodParams, SelectionRef, finish
+from sft_select.tasks.core import DatasetRef, get_store
+from sft_select.tasks.llm import Prompt, first_number, llm_signal, score_with_llm
+from sft_select.tasks.report import publish_table
+from sft_select.tasks.select import resolve_budget, select
+
+SYSTEM = ("You review answers written by an AI assistant. You are shown the task it was given (an "
+          "instruction, sometimes with an input) and the answer it wrote.")
+
+
+def _template(criterion: str, best: str) -> str:
+    return ("### Instruction:\n{instruction}\n\n### Input:\n{input_or_none}\n\n### Response:\n{output}\n\n"
+            f"Rate the {criterion} of the response to the instruction and its input on a scale from 0 to 5, where "
+            f"5 means {best}. Put only the score, a number, on the first line. On the next lines explain the "
+            "rating; judge what the response says, not how long it is or the order things are shown in.")
+
+
+def _rating(raw: str) -> float:
+    return first_number(raw, low=0, high=5)
+
+
+PROMPTS: dict[str, Prompt] = {
+    "accuracy": Prompt(name="alpagasus_accuracy", version="1", system=SYSTEM, parse=_rating, max_tokens=256,
+                       temperature=0.0, template=_template("accuracy", "fully correct and complete")),
+    "helpfulness": Prompt(name="alpagasus_helpfulness", version="1", system=SYSTEM, parse=_rating, max_tokens=256,
+                          temperature=0.0, template=_template("helpfulness", "as helpful as a response can be")),
+}
+
+
+class AlpaGasusParams(MethodParams):
+    budget: float | None = Field(
+        None, description="Keep at most this many of the best rated: a count (>= 1) or a fraction (< 1); "
+                          "empty keeps every example at or above the threshold.")
+    threshold: float | None = Field(4.5, description="Keep ratings >= this (the paper's 4.5); empty: no threshold.")
+    criterion: Literal["accuracy", "helpfulness"] = Field(
+        "accuracy", description="What the judge rates: accuracy (the paper's main filter) or helpfulness.")
+    judge: str | None = Field(
+        None, description="LLM backend: 'openai:<model>' (OPENAI_BASE_URL, any compatible server), 'local', "
+                          "'local:<model folder>'; empty: the configured default (SFT_SELECT_LLM).")
+    batch_size: int = Field(32, description="Examples per durable batch of ratings.")
+
+
+@flow(name="alpagasus", log_prints=True)
+def alpagasus(params: AlpaGasusParams) -> SelectionRef:
+    """Rate every example 0-5 with an LLM judge; keep ratings >= 4.5 (or the m best)."""
+    dataset = DatasetRef.load(params.dataset, params.dataset_version)
+    signal = llm_signal(PROMPTS[params.criterion], params.judge)
+    params = params.model_copy(update={"judge": signal.model})  # the selection records the judge used
+
+    rated = score_with_llm(signal, dataset, batch_size=params.batch_size)
+    scores = get_store().signals.values(signal, dataset.read(["uid"])["uid"], alias="score")
+
+    m = resolve_budget(params.budget, dataset.rows) if params.budget is not None else None
+    selection = select(scores, m=m, threshold=params.threshold, label=f"{params.criterion} rating")
+
+    histogram = (scores.group_by(pl.col("score").cast(pl.String).fill_null("no rating (error)"))
+                 .len("examples").sort("score"))
+    publish_table("alpagasus-ratings", histogram.to_dicts(),
+                  f"{params.criterion} ratings by {signal.model} on {dataset.name}@{dataset.version}")
+    print(f"alpagasus: {selection.height} of {dataset.rows} examples kept ({params.criterion} by {signal.model}; "
+          f"{rated.computed} rated now, {rated.reused} reused, {rated.errors} without a rating)")
+    return finish("alpagasus", params, dataset, selection, [rated])
+
+
+if __name__ == "__main__":
+    import sys
+
+    alpagasus(AlpaGasusParams(dataset=sys.argv[1], judge=sys.argv[2] if len(sys.argv) > 2 else None))

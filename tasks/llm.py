@@ -1,0 +1,212 @@
+"""LLM judgements as signals: a prompt, the model's raw text, and a parser.
+
+A :class:`Prompt` is everything a judgement depends on: a system message, a template over the
+example's fields, generation settings and ``parse(raw) -> value``. :func:`llm_signal` turns a
+prompt and a backend into a :class:`~sft_select.storage.Signal` whose parameters name the model,
+the prompt (name, version and a hash of its wording), temperature and max tokens; its ``version``
+is the parser's. :data:`score_with_llm` fills such a signal through the one signal store, so a
+rating paid for once is found again by every method and every dataset holding the example.
+
+Every row keeps the raw model text. A backend failure or a parse failure is stored as an error
+(with the raw text), never as a default value (DEITA's public scorer returned 3.0 for every
+unparseable answer). :func:`reparse` applies a new parser to the stored raw text, writing a new
+signal version without a single model call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import polars as pl
+
+from sft_select.storage import BatchResult, Outcome, Signal
+from sft_select.storage.examples import prompt_text
+from sft_select.storage.signals import Compute, Kind
+from sft_select.tasks.backends.llm import LLM, ChatResult, Conversation, get_llm, usage_of
+from sft_select.tasks.core import get_store, signal_task
+
+PROMPTS: dict[tuple[str, str, str], Prompt] = {}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A judge prompt. ``template`` (and ``system``) are ``str.format`` templates over the fields
+    ``instruction``, ``input``, ``input_or_none`` (the input, or "(none)"), ``output``, ``prompt``
+    (every turn before the last answer, as text) and ``source``.
+
+    ``parse(raw)`` returns the value or raises ``ValueError``; ``raw`` is the completion text, or,
+    when ``top_logprobs`` is set, JSON ``{"text": ..., "top_logprobs": [{token: logprob}, ...]}``.
+    Bump ``version`` when the wording or generation settings change (the wording's hash is part of
+    the signal's identity anyway) and ``parser_version`` when ``parse`` changes (then
+    :func:`reparse` rebuilds the values from the stored raw text).
+
+    A prompt registers itself by ``(name, version, parser_version)`` so that a stored signal finds
+    its prompt again.
+    """
+
+    name: str
+    version: str
+    template: str
+    parse: Callable[[str], Any]
+    system: str | None = None
+    parser_version: str = "1"
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_logprobs: int | None = None
+    kind: Kind = "float"
+
+    def __post_init__(self) -> None:
+        key = (self.name, self.version, self.parser_version)
+        known = PROMPTS.get(key)
+        if known is not None and known.sha != self.sha:
+            raise ValueError(f"prompt {self.name!r} version {self.version!r} is already defined with other "
+                             "wording: bump its version")
+        PROMPTS[key] = self
+
+    @property
+    def sha(self) -> str:
+        """Hash of the wording and generation settings (part of the signal identity)."""
+        text = json.dumps([self.system, self.template, self.max_tokens, self.temperature, self.top_logprobs])
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def render(self, row: Mapping[str, Any]) -> Conversation:
+        """The conversation sent to the judge for one example row."""
+        fields = {
+            "instruction": row.get("instruction") or "",
+            "input": row.get("input") or "",
+            "input_or_none": row.get("input") or "(none)",
+            "output": row.get("output") or "",
+            "prompt": prompt_text(row) if row.get("messages") is not None else row.get("instruction") or "",
+            "source": row.get("source") or "",
+        }
+        messages = [{"role": "system", "content": self.system.format(**fields)}] if self.system else []
+        return messages + [{"role": "user", "content": self.template.format(**fields)}]
+
+    def outcome(self, result: ChatResult) -> Outcome:
+        """A chat result as a stored outcome: the value, or the error with the raw text."""
+        if result.error is not None:
+            return Outcome(error=f"llm: {result.error}")
+        raw = result.text or ""
+        if self.top_logprobs:
+            raw = json.dumps({"text": raw, "top_logprobs": result.top_logprobs or []}, ensure_ascii=False)
+        return self.parse_raw(raw)
+
+    def parse_raw(self, raw: str) -> Outcome:
+        try:
+            return Outcome(value=self.parse(raw), raw=raw)
+        except ValueError as e:
+            # a greedy answer is the same when asked again: a parse failure at temperature 0 is final
+            return Outcome(error=f"parse: {e}", raw=raw, final=self.temperature == 0)
+
+
+def llm_signal(prompt: Prompt, llm: LLM | str | None = None) -> Signal:
+    """The signal of ``prompt`` judged by ``llm`` (a backend, a spec for :func:`get_llm`, or the default)."""
+    name = llm.name if isinstance(llm, LLM) else get_llm(llm).name
+    params = {"model": name, "prompt": prompt.name, "prompt_version": prompt.version, "prompt_sha": prompt.sha,
+              "temperature": prompt.temperature, "max_tokens": prompt.max_tokens,
+              "top_logprobs": prompt.top_logprobs}
+    return Signal(prompt.name, params, version=prompt.parser_version, kind=prompt.kind)
+
+
+def prompt_of(signal: Signal) -> Prompt:
+    """The registered prompt a signal was made from (its module must have been imported)."""
+    key = (str(signal.params.get("prompt")), str(signal.params.get("prompt_version")), signal.version)
+    prompt = PROMPTS.get(key)
+    if prompt is None:
+        raise KeyError(f"{signal.id}: no prompt {key[0]!r} version {key[1]!r} with parser version {key[2]!r} is "
+                       "defined in this process (import the module that defines it)")
+    if prompt.sha != signal.params.get("prompt_sha"):
+        raise ValueError(f"{signal.id}: prompt {key[0]!r} version {key[1]!r} has changed wording since the "
+                         "signal was made: bump the prompt's version")
+    return prompt
+
+
+def llm_batch(prompt: Prompt, llm: LLM) -> Compute:
+    """The batch function: render each row, one batched ``llm.chat``, parse; usage from the results."""
+
+    def compute(batch: pl.DataFrame) -> BatchResult:
+        results = llm.chat([prompt.render(row) for row in batch.iter_rows(named=True)],
+                           temperature=prompt.temperature, max_tokens=prompt.max_tokens,
+                           top_logprobs=prompt.top_logprobs)
+        return BatchResult([prompt.outcome(r) for r in results], usage_of(results))
+
+    return compute
+
+
+def llm_batch_of(signal: Signal) -> Compute:
+    """The batch function of an :func:`llm_signal`: its prompt, judged by the backend it names."""
+    return llm_batch(prompt_of(signal), get_llm(str(signal.params["model"])))
+
+
+score_with_llm = signal_task("score_with_llm", llm_batch_of, batch_size=32)
+"""Prefect task ``(signal, dataset) -> SignalRef``: fill an :func:`llm_signal` for a dataset."""
+
+
+def reparse(signal: Signal, prompt: Prompt, uids: Iterable[str] | None = None) -> Signal:
+    """Parse the raw text stored for ``signal`` again with ``prompt.parse`` into the signal's next
+    version (``prompt.parser_version``), without calling the model. Rows whose model call failed
+    (no raw text) are left out, so filling the new signal later asks the model only for those."""
+    if (signal.params.get("prompt"), signal.params.get("prompt_version"), signal.params.get("prompt_sha")) != (
+            prompt.name, prompt.version, prompt.sha):
+        raise ValueError(f"{signal.id} was not made with prompt {prompt.name!r} version {prompt.version!r}")
+    target = replace(signal, version=prompt.parser_version, kind=prompt.kind)
+    if target.id == signal.id:
+        raise ValueError(f"{signal.id}: bump the prompt's parser_version to re-parse into a new signal version")
+    store = get_store()
+    stored = store.signals.read(signal, list(uids) if uids is not None else None)
+    stored = stored.filter(pl.col("raw").is_not_null()).select("uid", "raw")
+    store.signals.fill(target, stored, lambda batch: BatchResult([prompt.parse_raw(r) for r in batch["raw"]],
+                                                                 {"calls": 0.0}), batch_size=10_000)
+    return target
+
+
+# -- parsers -----------------------------------------------------------------------------------------
+
+
+def first_number(text: str, *, low: float, high: float) -> float:
+    """The number the answer starts with (its first line, "Score: 4.5", "4/5", "**5**" allowed), which
+    must lie in ``[low, high]``."""
+    line = next((ln for ln in text.strip().splitlines() if ln.strip()), "")
+    match = re.match(r"^[\s*#>_`\"']*(?:(?:score|rating|accuracy|helpfulness)\s*[:=]?\s*)?[*_`\"']*"
+                     r"([+-]?\d+(?:\.\d+)?)", line, flags=re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"no score at the start of the first line: {line[:80]!r}")
+    value = float(match.group(1))
+    if not low <= value <= high:
+        raise ValueError(f"score {value:g} outside [{low:g}, {high:g}]")
+    return value
+
+
+def expected_score(top_logprobs: Mapping[str, float], scores: Iterable[int] = range(1, 7)) -> float:
+    """DEITA's expected score (Liu et al. 2023): with p(k) the probability of the token "k" at the
+    first generated position, renormalised over the score tokens, ``sum_k k * p(k)``. Tokens that
+    differ only by surrounding spaces (" 5", "5") are pooled. Raises ``ValueError`` when no score
+    token is among the top log-probs."""
+    mass: dict[int, float] = {}
+    wanted = {str(k): k for k in scores}
+    for token, logprob in top_logprobs.items():
+        k = wanted.get(token.strip())
+        if k is not None:
+            mass[k] = mass.get(k, 0.0) + math.exp(logprob)
+    total = sum(mass.values())
+    if total <= 0:
+        raise ValueError(f"none of the tokens {sorted(wanted)} among the top log-probs {list(top_logprobs)[:10]}")
+    return sum(k * p for k, p in mass.items()) / total
+
+
+def parse_expected_score(raw: str) -> float:
+    """Parser for a prompt with ``top_logprobs`` set: :func:`expected_score` at the first position."""
+    positions = json.loads(raw).get("top_logprobs") or []
+    if not positions:
+        raise ValueError("the backend returned no log-probs")
+    return expected_score(positions[0])
+
+
+__all__ = ["PROMPTS", "Prompt", "expected_score", "first_number", "llm_batch", "llm_batch_of", "llm_signal",
+           "parse_expected_score", "prompt_of", "reparse", "score_with_llm"]

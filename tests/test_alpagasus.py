@@ -1,0 +1,74 @@
+"""AlpaGasus against a real local OpenAI-compatible server: the judge is paid once per example; a
+second budget, and a second dataset holding the same examples, ask the server nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from openai_server import OpenAIServer, last_user
+
+from sft_select.flows.alpagasus import PROMPTS, AlpaGasusParams, alpagasus
+from sft_select.settings import settings
+from sft_select.storage import make_example
+from sft_select.storage.examples import frame
+from sft_select.tasks.llm import llm_signal
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def judge(request) -> str:
+    """Rates by a rule: the response "answer i" gets (i % 6) * 0.5 + 2.5, i.e. 2.5 .. 5.0."""
+    i = int(re.search(r"### Response:\nanswer (\d+)", last_user(request)).group(1))
+    return f"{(i % 6) * 0.5 + 2.5}\nThe response is judged by a rule."
+
+
+@pytest.fixture
+def server(monkeypatch):
+    with OpenAIServer(judge) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-alpagasus")
+        settings.cache_clear()
+        yield server
+    settings.cache_clear()
+
+
+def test_alpagasus_rates_once_and_reuses_the_ratings(store, server):
+    rows = [make_example([{"role": "user", "content": f"Task {i}"}, {"role": "assistant", "content": f"answer {i}"}],
+                         instruction=f"Task {i}", input="" if i % 2 else f"input {i}") for i in range(12)]
+    store.datasets.register("pool", frame(rows))
+    judge_name = "openai:judge-alpagasus"
+
+    kept = alpagasus(AlpaGasusParams(dataset="pool", judge=judge_name))
+    assert server.requests == 12
+    chosen = store.selections.read(kept.selection_id)
+    # ratings >= 4.5: i % 6 in (4, 5) -> 4 of 12
+    assert chosen["score"].to_list() == [5.0, 5.0, 4.5, 4.5]
+    assert chosen["reason"][0] == "accuracy rating 5.0 >= 4.5, rank 1"
+    request = server.bodies[0]
+    assert request["temperature"] == 0 and request["max_tokens"] == 256 and request["model"] == "judge-alpagasus"
+    assert "### Input:\n" in request["messages"][1]["content"]
+
+    top3 = alpagasus(AlpaGasusParams(dataset="pool", judge=judge_name, budget=3, threshold=None))
+    assert server.requests == 12  # same signal, same dataset: nothing asked
+    assert store.selections.read(top3.selection_id)["score"].to_list() == [5.0, 5.0, 4.5]
+
+    store.datasets.register("half", frame(rows[:6]))  # another dataset, other fingerprint, same examples
+    half = alpagasus(AlpaGasusParams(dataset="half", judge=judge_name, threshold=4.0))
+    assert server.requests == 12  # ratings are keyed by example, not by dataset
+    assert store.selections.read(half.selection_id)["score"].to_list() == [5.0, 4.5, 4.0]
+
+    signal = llm_signal(PROMPTS["accuracy"], judge_name)
+    cost = store.catalog.query("SELECT calls, model FROM signals WHERE signal_id = ?", [signal.id]).row(0)
+    assert cost == (12, judge_name)
+    params = store.catalog.query("SELECT params FROM selections WHERE selection_id = ?", [kept.selection_id]).item()
+    assert judge_name in params
+
+
+def test_helpfulness_is_its_own_signal(store, server):
+    rows = [make_example([{"role": "user", "content": "Task 0"}, {"role": "assistant", "content": "answer 5"}])]
+    store.datasets.register("one", frame(rows))
+    acc = alpagasus(AlpaGasusParams(dataset="one", judge="openai:judge-help"))
+    helpful = alpagasus(AlpaGasusParams(dataset="one", judge="openai:judge-help", criterion="helpfulness"))
+    assert server.requests == 2 and "helpfulness" in server.bodies[1]["messages"][1]["content"]
+    assert acc.selection_id != helpful.selection_id and helpful.rows == 1
