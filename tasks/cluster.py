@@ -1,0 +1,286 @@
+"""Clustering and coverage on embeddings: k-means (faiss) and k-center greedy (numpy).
+
+k-center greedy (Sener & Savarese 2018, "Active Learning for Convolutional Neural Networks: A
+Core-Set Approach"): with chosen set ``S``,
+
+    min_dist[i] = min_{c in S} ||x_i - x_c||                     (euclidean)
+    repeat:  u = argmax_i min_dist[i];  S += {u};  min_dist[i] = min(min_dist[i], ||x_i - x_u||)
+
+starting from the given seeds, or from one point drawn by a seeded generator. Ties go to the
+lowest index. The covering radius of ``S`` is ``max_i min_dist[i]``; greedy is a 2-approximation of
+the smallest possible radius. One pass over the pool per step, as a float32 matrix-vector product
+``||x_i - x_u||^2 = ||x_i||^2 - 2 x_i.x_u + ||x_u||^2`` into a preallocated buffer and an in-place
+minimum (squared distances throughout; the square root only for what is reported). The seeds'
+distances are one blocked matrix product. Rows whose float32 distance is within rounding error of
+the maximum are compared again in float64 against every chosen row, so the choice is the one exact
+arithmetic makes (the same as a float64 textbook loop), not an accident of rounding.
+
+The Prefect tasks read vectors from an ``embed`` signal and are cached on content: the signal id
+(a hash of the embedding's parameters), the dataset fingerprint (a hash of its uids), how many of
+those uids have a vector, and the parameters; never on a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from prefect import task
+from prefect.context import TaskRunContext
+from pydantic import BaseModel
+
+from sft_select.storage import Signal
+from sft_select.tasks.core import DatasetRef, get_store
+from sft_select.tasks.embed import load_vectors
+
+log = logging.getLogger("sft_select")
+VERSION = "1"
+_BLOCK = 8192  # rows per block of the seeds' distance matrix
+# Squared distances in float32 are off by about sqrt(d) * eps32 * ||x||^2 (measured: up to 1x that on
+# 100k x 384); rows within this many times that of the maximum are compared again in float64.
+_F32_SLACK = 32 * float(np.finfo(np.float32).eps)
+
+
+def _as_matrix(vectors: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (n, d) matrix of vectors, got shape {x.shape}")
+    return x
+
+
+def kmeans_plusplus(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; the greedy form of scikit-learn):
+    the first centre uniformly at random; then, for each next centre, ``2 + floor(ln k)``
+    candidates drawn with probability proportional to their squared distance to the nearest centre
+    so far, keeping the candidate that lowers the total squared distance most. Returns the row
+    indices of the ``k`` initial centres."""
+    x = _as_matrix(vectors)
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    trials = 2 + int(np.log(k))
+    sq = np.einsum("ij,ij->i", x, x)
+
+    def dist2(rows: np.ndarray) -> np.ndarray:  # (len(rows), n) squared distances, clipped at 0
+        d2 = x[rows] @ x.T
+        d2 *= -2.0
+        d2 += sq[rows, None]
+        d2 += sq[None, :]
+        return np.maximum(d2, 0.0, out=d2)
+
+    chosen = [int(rng.integers(n))]
+    min_d2 = dist2(np.asarray(chosen))[0]
+    for _ in range(1, k):
+        total = float(min_d2.sum(dtype=np.float64))
+        if total <= 0.0:  # fewer distinct rows than k: take rows not chosen yet
+            chosen.append(int(np.setdiff1d(np.arange(n), chosen)[0]))
+            continue
+        cdf = np.cumsum(min_d2, dtype=np.float64)
+        candidates = np.minimum(np.searchsorted(cdf, rng.random(trials) * total, side="right"), n - 1)
+        options = np.minimum(min_d2[None, :], dist2(candidates))
+        best = int(np.argmin(options.sum(axis=1, dtype=np.float64)))
+        chosen.append(int(candidates[best]))
+        min_d2 = options[best]
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def kmeans(vectors: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means on all rows (faiss), from a k-means++ seeding drawn with ``seed``.
+    Returns ``(centroids (k, d) float32, assignment (n,) int64)``."""
+    import faiss
+
+    x = _as_matrix(vectors)
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"k must be between 1 and the number of vectors ({x.shape[0]}), got {k}")
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False,
+                      max_points_per_centroid=max(256, -(-x.shape[0] // k)))  # use every row, no subsampling
+    km.train(x, init_centroids=x[kmeans_plusplus(x, k, seed)])
+    _, assignment = km.index.search(x, 1)
+    return km.centroids.copy(), assignment[:, 0].astype(np.int64)
+
+
+def nearest(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """For each query row, the index of the nearest vector (euclidean; exact search)."""
+    import faiss
+
+    x, q = _as_matrix(vectors), _as_matrix(queries)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    _, found = index.search(q, 1)
+    return found[:, 0].astype(np.int64)
+
+
+def _update_with_seeds(x: np.ndarray, sq: np.ndarray, min_d2: np.ndarray, seeds: np.ndarray) -> None:
+    """``min_d2 = min(min_d2, min_s ||x - x_s||^2)`` over all seeds, one block of rows at a time."""
+    s, s_sq = x[seeds], sq[seeds]
+    for start in range(0, x.shape[0], _BLOCK):
+        block = slice(start, start + _BLOCK)
+        d2 = x[block] @ s.T
+        d2 *= -2.0
+        d2 += sq[block, None]
+        d2 += s_sq[None, :]
+        np.minimum(min_d2[block], d2.min(axis=1), out=min_d2[block])
+
+
+def kcenter_greedy(vectors: np.ndarray, m: int, seeds: list[int] | np.ndarray | None = None, seed: int = 0,
+                   *, return_distances: bool = False):
+    """Choose ``m`` rows of ``vectors`` by k-center greedy; returns ``(order, radius)``.
+
+    ``order`` (int64, length ``m``) starts with ``seeds`` in their given order (or one row drawn
+    with ``seed`` when there are none), then the greedy picks. ``radius`` is the covering radius of
+    the whole choice: every row lies within ``radius`` of a chosen row. With
+    ``return_distances=True`` also ``distances``: for each greedy pick, its distance to the rows
+    chosen before it (the radius just before it was added); NaN for the seeds and the random start.
+    """
+    x = _as_matrix(vectors)
+    n = x.shape[0]
+    seeds = np.asarray([] if seeds is None else seeds, dtype=np.int64)
+    if len(np.unique(seeds)) != len(seeds) or (len(seeds) and (seeds.min() < 0 or seeds.max() >= n)):
+        raise ValueError(f"seeds must be distinct row indices in [0, {n})")
+    if not max(1, len(seeds)) <= m <= n:
+        raise ValueError(f"m must be between the number of seeds ({len(seeds)}, at least 1) and {n}, got {m}")
+    if len(seeds) == 0:
+        seeds = np.asarray([np.random.default_rng(seed).integers(n)], dtype=np.int64)
+
+    sq = np.einsum("ij,ij->i", x, x)
+    min_d2 = np.full(n, np.inf, dtype=np.float32)
+    _update_with_seeds(x, sq, min_d2, seeds)
+    order = np.empty(m, dtype=np.int64)
+    distances = np.full(m, np.nan)
+    order[: len(seeds)] = seeds
+    chosen = np.empty((m, x.shape[1]), dtype=np.float64)  # exact copies of the chosen rows, for near-ties
+    chosen[: len(seeds)] = x[seeds]
+    chosen_sq = np.einsum("ij,ij->i", chosen[: len(seeds)], chosen[: len(seeds)])
+    chosen_sq = np.concatenate([chosen_sq, np.empty(m - len(seeds))])
+    min_d2[seeds] = -np.inf  # chosen rows are never chosen again
+    slack = _F32_SLACK * np.sqrt(x.shape[1]) * float(sq.max())
+    d2 = np.empty(n, dtype=np.float32)
+    for t in range(len(seeds), m):
+        u = int(np.argmax(min_d2))
+        near = np.flatnonzero(min_d2 >= min_d2[u] - slack)
+        if len(near) > 1:  # within float32 error of the maximum: decide in float64, ties to the lowest index
+            rows = near.astype(np.int64)
+            exact = x[rows].astype(np.float64) @ chosen[:t].T
+            exact *= -2.0
+            exact += np.einsum("ij,ij->i", x[rows], x[rows], dtype=np.float64)[:, None]
+            exact += chosen_sq[None, :t]
+            best = exact.min(axis=1)
+            u = int(rows[np.argmax(best)])
+            distances[t] = np.sqrt(max(float(best.max()), 0.0))
+        else:
+            distances[t] = np.sqrt(max(float(min_d2[u]), 0.0))
+        order[t] = u
+        chosen[t] = x[u]
+        chosen_sq[t] = chosen[t] @ chosen[t]
+        np.dot(x, x[u], out=d2)
+        d2 *= -2.0
+        d2 += sq
+        d2 += sq[u]
+        np.minimum(min_d2, d2, out=min_d2)
+        min_d2[u] = -np.inf
+    radius = float(np.sqrt(max(float(min_d2.max()), 0.0))) if m < n else 0.0
+    return (order, radius, distances) if return_distances else (order, radius)
+
+
+# -- Prefect tasks ---------------------------------------------------------------------------------------
+
+
+class Clusters(BaseModel):
+    """k-means of a dataset's embeddings. ``anchors[j]``: the uid nearest centroid ``j``;
+    ``path``: Parquet with ``uid, cluster, distance`` (to its centroid), under the store's home."""
+
+    signal_id: str
+    fingerprint: str
+    k: int
+    seed: int
+    rows: int
+    missing: int
+    anchors: list[str]
+    sizes: list[int]
+    inertia: float
+    path: str
+
+    def assignment(self) -> pl.DataFrame:
+        return pl.read_parquet(get_store().home / self.path)
+
+
+class KCenter(BaseModel):
+    """A k-center greedy choice: ``uids`` in pick order (seeds first), ``distances`` of the greedy
+    picks to the set chosen before them (None for seeds), and the final covering ``radius``."""
+
+    signal_id: str
+    fingerprint: str
+    uids: list[str]
+    distances: list[float | None]
+    seeds: int
+    radius: float
+    missing: int
+
+
+def content_key(name: str, parameters: dict[str, Any]) -> str:
+    signal: Signal = parameters["signal"]
+    dataset: DatasetRef = parameters["dataset"]
+    have = get_store().signals.status(signal).filter(pl.col("ok"))
+    present = dataset.read(["uid"]).join(have, on="uid", how="semi").height
+    rest = {k: v for k, v in parameters.items() if k not in ("signal", "dataset")}
+    payload = json.dumps([name, VERSION, signal.id, dataset.fingerprint, present, rest], sort_keys=True, default=str)
+    return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:24]}"
+
+
+def _kmeans_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return content_key("kmeans", parameters)
+
+
+def _kcenter_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return content_key("kcenter", parameters)
+
+
+def dataset_vectors(signal: Signal, dataset: DatasetRef) -> tuple[list[str], np.ndarray, int]:
+    wanted = dataset.read(["uid"])["uid"].sort()  # content order, not file order
+    uids, x = load_vectors(signal, wanted)
+    if not uids:
+        raise ValueError(f"no vectors of {signal.id} for {dataset.name}@{dataset.version}: fill the signal first")
+    missing = len(wanted) - len(uids)
+    if missing:
+        log.warning("%s: %d examples of %s have no vector and are left out", signal.id, missing, dataset.name)
+    return uids, x, missing
+
+
+@task(name="kmeans", cache_key_fn=_kmeans_key, persist_result=True, result_serializer="json")
+def cluster_kmeans(signal: Signal, dataset: DatasetRef, k: int, seed: int = 0, niter: int = 20) -> Clusters:
+    """k-means of the dataset's ``signal`` vectors; the assignment is written as Parquet."""
+    uids, x, missing = dataset_vectors(signal, dataset)
+    k = min(k, len(uids))
+    centroids, assignment = kmeans(x, k, seed=seed, niter=niter)
+    distance = np.linalg.norm(x - centroids[assignment], axis=1)
+    anchors = nearest(x, centroids)
+    key = content_key("kmeans", {"signal": signal, "dataset": dataset, "k": k, "seed": seed, "niter": niter})
+    path = Path("derived") / f"{key}.parquet"
+    frame = pl.DataFrame({"uid": uids, "cluster": assignment.astype(np.int32), "distance": distance.astype(np.float32)})
+    target = get_store().home / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}")
+    frame.write_parquet(tmp)
+    tmp.replace(target)
+    return Clusters(signal_id=signal.id, fingerprint=dataset.fingerprint, k=k, seed=seed, rows=len(uids),
+                    missing=missing, anchors=[uids[i] for i in anchors],
+                    sizes=np.bincount(assignment, minlength=k).tolist(), inertia=float((distance**2).sum()),
+                    path=str(path))
+
+
+@task(name="kcenter-greedy", cache_key_fn=_kcenter_key, persist_result=True, result_serializer="json")
+def select_kcenter(signal: Signal, dataset: DatasetRef, m: int, seed_uids: list[str] | None = None,
+                   seed: int = 0) -> KCenter:
+    """k-center greedy over the dataset's ``signal`` vectors, from ``seed_uids`` (those without a
+    vector are skipped) or one seeded-random example, until ``m`` are chosen."""
+    uids, x, missing = dataset_vectors(signal, dataset)
+    row = {u: i for i, u in enumerate(uids)}
+    seeds = list(dict.fromkeys(row[u] for u in (seed_uids or []) if u in row))
+    order, radius, distances = kcenter_greedy(x, min(m, len(uids)), seeds or None, seed, return_distances=True)
+    return KCenter(signal_id=signal.id, fingerprint=dataset.fingerprint, uids=[uids[i] for i in order],
+                   distances=[None if np.isnan(d) else float(d) for d in distances], seeds=len(seeds),
+                   radius=radius, missing=missing)

@@ -1,0 +1,103 @@
+"""embed: one vector per example as a signal (reads ``messages`` and ``output``; writes a float32
+vector).
+
+``field`` picks the text: ``prompt`` (every turn before the last answer: the instruction and its
+input), ``output`` (the last answer) or ``full`` (prompt, a blank line, answer). ``pooling`` picks
+the model kind:
+
+- ``sentence``: a sentence encoder (:mod:`~sft_select.tasks.backends.encoders`, all-MiniLM-L6-v2 by
+  default); rows are L2-normalised.
+- ``mean`` / ``last``: last-layer hidden states of a causal LM
+  (:func:`~sft_select.tasks.backends.lm.hidden_states`), mean-pooled over the tokens (Coreset,
+  DiverseEvol, Cherry's pre-experience) or the last token's (DEITA); L2-normalised when
+  ``normalize``.
+
+:func:`load_vectors` reads a filled signal back as one ``(n, d)`` float32 matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from sft_select.settings import settings
+from sft_select.storage import BatchResult, Signal
+from sft_select.storage.examples import prompt_text
+from sft_select.storage.signals import Compute
+from sft_select.tasks.core import get_store, signal_task
+from sft_select.tasks.lm_loss import by_length
+
+Field = Literal["prompt", "output", "full"]
+Pooling = Literal["sentence", "mean", "last"]
+VERSION = "1"
+
+
+def embed_signal(model: str | None = None, *, field: Field = "full", max_tokens: int = 256,
+                 pooling: Pooling = "sentence", normalize: bool = True) -> Signal:
+    """The ``embed`` signal for these parameters. ``model`` defaults to ``settings().encoder`` for
+    ``pooling="sentence"`` and to ``settings().local_llm`` for the causal-LM poolings. Sentence
+    embeddings are always normalised (``normalize`` is ignored for them)."""
+    if pooling == "sentence":
+        model, normalize = model or settings().encoder, True
+    else:
+        model = model or settings().local_llm
+    return Signal("embed", {"model": model, "field": field, "max_tokens": max_tokens, "pooling": pooling,
+                            "normalize": normalize}, version=VERSION, kind="vector")
+
+
+def texts_of(examples: pl.DataFrame, field: Field) -> list[str]:
+    """The text of each example that ``field`` names."""
+    if field == "output":
+        return examples["output"].to_list()
+    prompts = [prompt_text({"messages": m}) for m in examples["messages"].to_list()]
+    if field == "prompt":
+        return prompts
+    if field == "full":
+        return [f"{p}\n\n{o}" if o else p for p, o in zip(prompts, examples["output"].to_list())]
+    raise ValueError(f"unknown field {field!r}: prompt, output or full")
+
+
+def build_embed(signal: Signal) -> Compute:
+    """The batch function of an ``embed`` signal (the model is loaded once, on the first batch)."""
+    p = signal.params
+    if p["pooling"] == "sentence":
+        from sft_select.tasks.backends.encoders import encode
+
+        def vectors(texts: list[str]) -> np.ndarray:
+            return encode(texts, p["model"], max_tokens=p["max_tokens"])
+    else:
+        from sft_select.tasks.backends.lm import hidden_states
+        from sft_select.tasks.backends.models import load_causal_lm
+
+        model, tokenizer = load_causal_lm(p["model"])
+
+        def vectors(texts: list[str]) -> np.ndarray:
+            v = hidden_states(model, tokenizer, texts, pooling=p["pooling"], max_length=p["max_tokens"])
+            return l2_normalise(v) if p["normalize"] else v
+
+    def compute(batch: pl.DataFrame) -> BatchResult:
+        return BatchResult.of(list(vectors(texts_of(batch, p["field"]))))
+
+    return compute
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+embed = signal_task("embed", build_embed, batch_size=256, order_by=by_length)
+
+
+def load_vectors(signal: Signal, uids: Sequence[str] | pl.Series) -> tuple[list[str], np.ndarray]:
+    """(uids that have a vector, in the given order; their vectors as a float32 ``(n, d)`` matrix).
+    Examples whose embedding failed or is missing are left out."""
+    uids = list(uids)
+    try:
+        matrix, present = get_store().signals.matrix(signal, uids)
+    except KeyError:
+        return [], np.zeros((0, 0), dtype=np.float32)
+    return [u for u, ok in zip(uids, present) if ok], (matrix if present.all() else matrix[present])

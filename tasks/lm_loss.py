@@ -1,0 +1,73 @@
+"""lm_loss: the answer loss of every example as a signal (reads ``messages``, ``instruction``,
+``input``; writes one float).
+
+    lm_loss = s(A | Q) = mean over answer tokens of -log p(a_t | Q, a_<t)     (conditioned)
+    lm_loss = s(A)     = mean over answer tokens of -log p(a_t | a_<t)        (unconditioned)
+
+computed by :func:`sft_select.tasks.backends.lm.example_losses` (exact answer masks, the same answer
+tokens in both conditions under ``max_length``). IFD is the ratio of the two signals (Li et al.
+2023a); perplexity is ``exp(lm_loss)``.
+
+Besides the value, each row's ``raw`` holds ``{"context_tokens", "answer_tokens",
+"answer_tokens_total"}`` as JSON, so a method can drop examples whose answer was truncated
+(IFD's "over-length" rule) without recomputing anything. An example with no answer token within
+``max_length`` is an error row.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import polars as pl
+
+from sft_select.settings import settings
+from sft_select.storage import BatchResult, Outcome, Signal
+from sft_select.storage.signals import Compute
+from sft_select.tasks.backends.lm import Template, example_losses
+from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.core import signal_task
+
+Precision = Literal["float32", "bfloat16"]
+VERSION = "1"
+
+
+def lm_loss_signal(model: str | None = None, *, conditioned: bool = True, template: Template = "chat",
+                   max_length: int = 2048, precision: Precision = "float32") -> Signal:
+    """The ``lm_loss`` signal for these parameters (``model`` defaults to ``settings().local_llm``).
+    ``precision="bfloat16"`` runs under bf16 autocast: faster on recent CPUs and GPUs, values
+    differ from float32 in the third digit, hence a different signal."""
+    return Signal("lm_loss", {"model": model or settings().local_llm, "conditioned": conditioned,
+                              "template": template, "max_length": max_length, "precision": precision},
+                  version=VERSION, kind="float")
+
+
+def by_length(examples: pl.DataFrame) -> pl.DataFrame:
+    """Longest conversations first (characters), so that each batch holds sequences of similar length
+    and pads little (the `order_by` of the loss and embedding signals)."""
+    chars = pl.col("messages").list.eval(pl.element().struct.field("content").str.len_chars()).list.sum()
+    return examples.sort(chars, descending=True, maintain_order=True)
+
+
+def build_lm_loss(signal: Signal, token_budget: int = 8192) -> Compute:
+    """The batch function of an ``lm_loss`` signal: loads the model once, then scores batches."""
+    p = signal.params
+    model, tokenizer = load_causal_lm(p["model"])
+
+    def compute(batch: pl.DataFrame) -> BatchResult:
+        results = example_losses(model, tokenizer, batch.select("messages", "instruction", "input").to_dicts(),
+                                 conditioned=p["conditioned"], template=p["template"], max_length=p["max_length"],
+                                 token_budget=token_budget, bf16=p["precision"] == "bfloat16")
+        outcomes = [
+            Outcome(value=r.loss, error=r.error,
+                    raw=json.dumps({"context_tokens": r.context_tokens, "answer_tokens": r.answer_tokens,
+                                    "answer_tokens_total": r.answer_tokens_total}))
+            for r in results
+        ]
+        tokens = sum(r.context_tokens + r.answer_tokens for r in results)
+        return BatchResult(outcomes, {"prompt_tokens": float(tokens)})
+
+    return compute
+
+
+lm_loss = signal_task("lm_loss", build_lm_loss, batch_size=64, order_by=by_length)
