@@ -36,7 +36,7 @@ def fingerprint(uids: pl.Series | list[str]) -> str:
     return hashlib.sha256("\n".join(ordered).encode()).hexdigest()[:32]
 
 
-def _atomic_parquet(df: pl.DataFrame, path: Path) -> None:
+def atomic_parquet(df: pl.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     df.write_parquet(tmp)
@@ -66,7 +66,7 @@ class DatasetStore:
         fp = fingerprint(examples["uid"])
         path = self.root / f"{fp}.parquet"
         if not path.exists():
-            _atomic_parquet(examples, path)
+            atomic_parquet(examples, path)
         with self.catalog.connect() as con:
             latest = con.execute("SELECT version, fingerprint FROM datasets WHERE name = ? ORDER BY version DESC "
                                  "LIMIT 1", [name]).fetchone()
@@ -119,7 +119,7 @@ class SelectionStore:
             pl.col("score").cast(pl.Float64),
             pl.col("reason").cast(pl.String),
         )
-        _atomic_parquet(frame, self.root / f"{selection_id}.parquet")
+        atomic_parquet(frame, self.root / f"{selection_id}.parquet")
         with self.catalog.connect() as con:
             con.execute("DELETE FROM selections WHERE selection_id = ?", [selection_id])
             con.execute("INSERT INTO selections (selection_id, method, params, budget, dataset, fingerprint, rows, "
