@@ -28,6 +28,18 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _assignments(items: list[str] | None) -> dict[str, object]:
+    """KEY=VALUE options as a dict; a value is JSON where it parses (numbers, lists), else text."""
+    values: dict[str, object] = {}
+    for item in items or []:
+        key, _, raw = item.partition("=")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
 def _store():
     from sft_select.tasks.core import get_store
 
@@ -122,12 +134,7 @@ def run(
             if "judge" not in model.model_fields:
                 raise ValueError(f"{method} takes no judge")
             values["judge"] = judge
-        for item in set_ or []:
-            key, _, raw = item.partition("=")
-            try:
-                values[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                values[key] = raw
+        values.update(_assignments(set_))
         ref = flow(model(**values))
     except (KeyError, ValueError) as e:
         _fail(e)
@@ -146,6 +153,57 @@ def demo(
         demo_flow(str(path) if path else None, budget)
     except (KeyError, ValueError) as e:
         _fail(e)
+
+
+@app.command()
+def compare(
+    dataset: Annotated[str, typer.Option(help="Dataset name.")],
+    budget: Annotated[float, typer.Option(help="Count (>= 1) or fraction (< 1), the same for every method.")] = 0.1,
+    methods: Annotated[str, typer.Option(help="Methods, comma-separated; random, longest and full data are "
+                                              "always added.")] = "random,longest",
+    suites: Annotated[str, typer.Option(help="Suites, comma-separated: refloss, ifeval, judge, mtbench, each "
+                                             "optionally NAME=PATH.")] = "refloss",
+    eval_dir: Annotated[Path | None, typer.Option(help="Folder of the evaluation files (e.g. "
+                                                       "../shared/data/eval).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N items of every suite.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length of generating suites.")] = None,
+    base: Annotated[str, typer.Option(help="Base model fine-tuned on every selection.")] = "smollm2-135m-instruct",
+    recipe: Annotated[list[str] | None, typer.Option(help="Recipe field, KEY=VALUE (repeatable), e.g. "
+                                                          "max_steps=100.")] = None,
+    judge: Annotated[str | None, typer.Option(help="LLM for judge methods and judge suites: local, "
+                                                   "openai:MODEL.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Method parameter, METHOD.KEY=VALUE (JSON "
+                                                                 "values; repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every method that samples.")] = 0,
+) -> None:
+    """Select with every method at one budget, fine-tune the same base on each selection, evaluate,
+    and print the leaderboard (artifacts in Prefect, files under SFT_SELECT_HOME/reports)."""
+    from sft_select.flows.compare import SHORT_RECIPE, CompareParams, MethodRun, compare as compare_flow, \
+        suite_from_name
+    from sft_select.flows.registry import load_flow, params_model
+    from sft_select.tasks.finetune import Recipe
+
+    try:
+        runs = []
+        extra = _assignments(set_)
+        for name in [m.strip() for m in methods.split(",") if m.strip()]:
+            own = {k.split(".", 1)[1]: v for k, v in extra.items() if k.split(".", 1)[0] == name}
+            if judge is not None and "judge" in params_model(load_flow(name)).model_fields:
+                own.setdefault("judge", judge)
+            runs.append(MethodRun(method=name, params=own))
+        stray = [k for k in extra if k.split(".", 1)[0] not in {r.method for r in runs} or "." not in k]
+        if stray:
+            raise ValueError(f"--set {stray}: use METHOD.KEY=VALUE for a method in --methods")
+        params = CompareParams(
+            dataset=dataset, budget=budget, methods=runs, base=base, seed=seed,
+            recipe=Recipe(**SHORT_RECIPE.model_dump() | _assignments(recipe)),
+            suites=[suite_from_name(s.strip(), limit=limit, judge=judge, max_new_tokens=max_new_tokens)
+                    for s in suites.split(",") if s.strip()],
+            eval_dir=str(eval_dir.expanduser().resolve()) if eval_dir else None)
+        result = compare_flow(params)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"leaderboard: {result.csv}\nreport: {result.report}")
 
 
 def main() -> None:  # pragma: no cover

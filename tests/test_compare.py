@@ -1,0 +1,236 @@
+"""compare on a tiny pool with a tiny randomly initialised Llama: one leaderboard row per method
+(random, longest, alpagasus judged by the local OpenAI-compatible test server, full data, and the
+base model), reports and artifacts written, and a second identical run (from the flow and from the
+CLI) that trains nothing and calls no model."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import polars as pl
+import pytest
+from openai_server import OpenAIServer, last_user
+
+from sft_select.settings import settings
+from sft_select.storage import make_example
+from sft_select.storage.examples import frame
+from tiny_lm import WORDS, build_tiny_llama
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+BUDGET = 0.25  # 9 of 36
+RECIPE = dict(max_steps=3, batch_size=4, lr=1e-2, warmup_ratio=0.0, save_steps=100, max_length=64, logging_steps=1)
+
+
+def record(word: str, k: int) -> dict[str, str]:
+    return {"instruction": f"Repeat the word {word} {k} times.", "input": "", "output": ", ".join([word] * k) + "."}
+
+
+def judge(request) -> str:
+    """AlpaGasus's judge, by rule: the rating is the word's place in WORDS modulo 6 (0..5), so six
+    examples are rated 5 and six 4. The model "judge-mute" never gives a rating."""
+    if request["model"] == "judge-mute":
+        return "I cannot rate this."
+    word = re.search(r"### Response:\n(\w+)", last_user(request)).group(1)
+    return f"{WORDS.index(word) % 6}\nRated by a rule."
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    base = build_tiny_llama(root / "tiny")  # before moving the model cache: it uses SmolLM2's tokenizer
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SFT_SELECT_HOME", str(root / "home"))
+    mp.setenv("SFT_SELECT_MODEL_CACHE", str(root / "models"))
+    mp.setenv("SFT_SELECT_TORCH_THREADS", "2")
+    server = OpenAIServer(judge).__enter__()
+    mp.setenv("OPENAI_BASE_URL", server.url)
+    mp.setenv("OPENAI_API_KEY", "sk-test-compare")
+    settings.cache_clear()
+    from sft_select.tasks.core import get_store
+
+    pool = [record(w, k) for w in WORDS for k in (1, 2, 3)]
+    get_store().datasets.register("pool", frame([
+        make_example([{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}])
+        for r in pool]))
+    evals = root / "eval"
+    evals.mkdir()
+    (evals / "reference.json").write_text(json.dumps([record(w, 2) for w in ("apple", "kiwi", "mango", "plum")]))
+    (evals / "ifeval.jsonl").write_text("\n".join(json.dumps(i) for i in [
+        {"key": 1, "prompt": "Say hello without commas.", "instruction_id_list": ["punctuation:no_comma"],
+         "kwargs": [{}]},
+        {"key": 2, "prompt": "Write at least 300 words.", "instruction_id_list": ["length_constraints:number_words"],
+         "kwargs": [{"num_words": 300, "relation": "at least"}]},
+    ]))
+    yield {"root": root, "base": base, "server": server, "evals": evals, "store": get_store()}
+    server.__exit__(None, None, None)
+    mp.undo()
+    settings.cache_clear()
+
+
+def params(env):
+    from sft_select.flows.compare import SHORT_RECIPE, CompareParams, MethodRun
+    from sft_select.tasks.evaluate import IFEval, ReferenceLoss
+    from sft_select.tasks.finetune import Recipe
+
+    recipe = Recipe(**SHORT_RECIPE.model_dump() | RECIPE)  # what the CLI's --recipe KEY=VALUE makes
+    return CompareParams(
+        dataset="pool", budget=BUDGET, base=env["base"], recipe=recipe, eval_dir=str(env["evals"]),
+        methods=[MethodRun(method="alpagasus", params={"judge": "openai:judge-compare"})],
+        suites=[ReferenceLoss(path=Path("reference.json")),
+                IFEval(path=Path("ifeval.jsonl"), max_new_tokens=4, batch_size=2)])
+
+
+def snapshot(env) -> dict[str, float]:
+    """Every file of fine-tuned models and evaluation results, with its modification time."""
+    roots = [env["root"] / "models" / "finetuned", env["root"] / "home" / "evaluations"]
+    return {str(p): p.stat().st_mtime_ns for r in roots for p in r.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def first(env):
+    from sft_select.flows.compare import compare
+
+    return compare(params(env))
+
+
+def test_compare_ranks_every_method_and_the_baselines(env, first):
+    rows = {r.method: r for r in first.rows}
+    base_row = "base (not fine-tuned)"
+    assert set(rows) == {"random", "longest", "alpagasus", "full", base_row}
+    assert {n: r.kind for n, r in rows.items()} == {"random": "baseline", "longest": "baseline", "full": "baseline",
+                                                     "alpagasus": "method", base_row: "reference"}
+    assert first.budget == 9 and first.pool == 36
+    assert [rows[n].selected for n in ("random", "longest", "alpagasus", "full")] == [9, 9, 9, 36]
+    assert env["server"].requests == 36  # every example rated once
+
+    # the threshold (4.5) is off at one budget: alpagasus keeps its 9 best ratings, not only the 5s
+    ratings = env["store"].selections.read(rows["alpagasus"].selection_id)["score"].to_list()
+    assert len(ratings) == 9 and ratings == sorted(ratings, reverse=True) and min(ratings) < 4.5
+    longest = env["store"].selections.read(rows["longest"].selection_id)["score"].to_list()
+    assert longest == sorted((len(record(w, k)["output"]) for w in WORDS for k in (1, 2, 3)), reverse=True)[:9]
+
+    tuned = [r for r in first.rows if r.kind != "reference"]
+    assert all(r.trained and r.train_steps == 3 and r.evaluated == 2 for r in tuned)
+    assert len({r.model for r in tuned}) == 4  # four different training sets, four models
+    assert len(list((env["root"] / "models" / "finetuned").glob("*/finetune.json"))) == 4
+    for r in first.rows:
+        assert r.metrics["reference_loss.loss"] > 0 and 0 <= r.metrics["ifeval.prompt_strict"] <= 1
+    losses = [r.metrics["reference_loss.loss"] for r in first.rows]
+    assert losses == sorted(losses)  # ranked by the first suite's headline metric, lower first
+
+    random_row = rows["random"]
+    assert random_row.vs_random == {}
+    for r in first.rows:
+        if r is not random_row:
+            delta, half, n = r.vs_random["reference_loss.loss"]
+            assert n == 4 and half >= 0
+            assert delta == pytest.approx(r.metrics["reference_loss.loss"] - random_row.metrics["reference_loss.loss"])
+            assert r.vs_random["ifeval.prompt_strict"][2] == 2
+
+
+def test_compare_writes_reports_and_artifacts(env, first):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    csv = pl.read_csv(first.csv)
+    assert csv.height == 5 and csv["rank"].to_list() == [1, 2, 3, 4, 5]
+    assert {"reference_loss.loss", "ifeval.prompt_strict", "reference_loss.loss vs random (95%)"} <= set(csv.columns)
+    report = Path(first.report).read_text()
+    assert "## Leaderboard" in report and f"![leaderboard]({Path(first.chart).name})" in report
+
+    svg = ET.fromstring(Path(first.chart).read_text())
+    bars = [e for e in svg.iter("{http://www.w3.org/2000/svg}rect") if e.get("stroke")]
+    assert len(bars) == 2 * 5  # one panel per suite, one bar per row
+    assert sorted(b.get("fill") for b in bars[:5]) == sorted(["#9ca3af"] * 3 + ["#2563eb", "#ffffff"])
+
+    with get_client(sync_client=True) as client:
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["compare-pool-leaderboard", "compare-pool-chart", "compare-pool-report"])))}
+    assert set(found) == {"compare-pool-leaderboard", "compare-pool-chart", "compare-pool-report"}
+    table = json.loads(found["compare-pool-leaderboard"].data)
+    assert [row["method"] for row in table] == [r.method for r in first.rows]
+    assert found["compare-pool-chart"].data.startswith("![leaderboard](data:image/svg+xml;base64,")
+
+
+def test_second_identical_run_trains_nothing_and_calls_no_model(env, first):
+    from sft_select.flows.compare import compare
+
+    before, requests = snapshot(env), env["server"].requests
+    again = compare(params(env))
+    assert env["server"].requests == requests  # the judge was not asked again
+    assert snapshot(env) == before  # no model trained or rewritten, no evaluation recomputed
+    assert not list((env["root"] / "models" / "finetuned").glob("*.partial"))
+    assert all(r.trained in (False, None) and r.evaluated == 0 for r in again.rows)
+    assert [(r.method, r.model, r.metrics) for r in again.rows] == [(r.method, r.model, r.metrics) for r in first.rows]
+
+
+def test_cli_compare_runs_the_same_comparison_from_the_cache(env, first):
+    from typer.testing import CliRunner
+
+    from sft_select.flows.cli import app
+
+    before, requests = snapshot(env), env["server"].requests
+    args = ["compare", "--dataset", "pool", "--budget", str(BUDGET), "--methods", "alpagasus",
+            "--judge", "openai:judge-compare", "--base", env["base"], "--eval-dir", str(env["evals"]),
+            "--suites", f"refloss={env['evals'] / 'reference.json'},ifeval={env['evals'] / 'ifeval.jsonl'}",
+            "--max-new-tokens", "4"]
+    args += [a for k, v in RECIPE.items() for a in ("--recipe", f"{k}={v}")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "leaderboard: " in result.output and env["server"].requests == requests
+    assert snapshot(env) == before  # the same comparison: nothing trained, nothing evaluated
+    csv = pl.read_csv(result.output.split("leaderboard: ")[1].split()[0])
+    assert csv.height == 5 and set(csv["fine-tune"].drop_nulls()) == {"reused"}
+
+    bad = CliRunner().invoke(app, ["compare", "--dataset", "pool", "--suites", "refloss"])
+    assert bad.exit_code == 2 and "set eval_dir" in bad.output
+
+
+def test_a_method_that_selects_nothing_gets_an_empty_row(env, first):
+    from sft_select.flows.compare import MethodRun, compare
+
+    p = params(env).model_copy(update={"methods": [MethodRun(method="alpagasus", params={"judge": "openai:judge-mute"},
+                                                             label="mute judge")]})
+    models = {k for k in snapshot(env) if "finetuned" in k}
+    result = compare(p)
+    rows = {r.method: r for r in result.rows}
+    assert rows["mute judge"].selected == 0 and rows["mute judge"].metrics == {}
+    assert result.rows[-1].method == "mute judge"  # no value: ranked last
+    assert {k for k in snapshot(env) if "finetuned" in k} == models  # the baselines' models were reused
+    assert pl.read_csv(result.csv).filter(pl.col("method") == "mute judge")["reference_loss.loss"].is_nan().all()
+
+
+def test_method_parameters_are_checked_before_any_work(env):
+    from sft_select.flows.compare import CompareParams, MethodRun, method_params, resolve_suite, with_baselines
+    from sft_select.tasks.evaluate import ReferenceLoss
+
+    p = CompareParams(dataset="pool", budget=5, seed=3)
+    alpagasus = method_params(MethodRun(method="alpagasus", params={"judge": "local"}), p)
+    assert (alpagasus.budget, alpagasus.threshold, alpagasus.seed) == (5, None, 3)
+    assert method_params(MethodRun(method="alpagasus", params={"threshold": 4.0}), p).threshold == 4.0
+    with pytest.raises(ValueError, match="unknown parameters"):
+        method_params(MethodRun(method="longest", params={"treshold": 1}), p)
+    with pytest.raises(ValueError, match="set by the comparison"):
+        method_params(MethodRun(method="random", params={"budget": 3}), p)
+    with pytest.raises(KeyError, match="unknown method"):
+        method_params(MethodRun(method="nope"), p)
+    assert [r.name for r in with_baselines([MethodRun(method="random", params={"seed": 1})])] == ["longest", "random"]
+    with pytest.raises(ValueError, match="unique names"):
+        with_baselines([MethodRun(method="alpagasus"), MethodRun(method="alpagasus")])
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        resolve_suite(ReferenceLoss(path=Path("missing.json")), str(env["evals"]))
+
+
+def test_paired_difference():
+    from sft_select.flows.compare import paired_difference
+
+    ours = pl.DataFrame({"uid": ["a", "b", "c", "d"], "loss": [1.0, 2.0, 3.0, None]})
+    theirs = pl.DataFrame({"uid": ["c", "b", "a", "d"], "loss": [2.0, 2.5, 2.0, 1.0]})
+    delta, half, n = paired_difference(ours, theirs, "reference_loss")  # d = [-1, -0.5, 1] on a, b, c
+    assert n == 3 and delta == pytest.approx(-1 / 6)
+    assert half == pytest.approx(1.96 * math.sqrt(((-5 / 6) ** 2 + (-1 / 3) ** 2 + (7 / 6) ** 2) / 2) / math.sqrt(3))
