@@ -1,0 +1,298 @@
+"""Active Instruction Tuning (Kung et al. 2023, "Active Instruction Tuning: Improving Cross-Task
+Generalization by Training on Prompt Sensitive Tasks").
+
+Selection is by task, not by example: the tasks whose prompt the model is most sensitive to are
+the ones it has learned least. Algorithm:
+
+  1. Tasks: group the pool by a task key (a field of the examples' ``meta``, e.g. Dolly's
+     ``category``, or ``task_key="cluster"``: k-means clusters of the instruction embeddings).
+  2. For up to ``instances`` (10) examples of each task, take the model's prediction ``y`` under the
+     original instruction (greedy), and ``perturbations`` (10) copies of the instruction with each
+     word dropped with probability ``drop_prob`` (0.2).
+  3. Prompt uncertainty of an example, with ``p(y | x) = exp(-s(y | x))`` (``s`` the mean token
+     cross-entropy of ``y``, the answer loss of the loss engine)::
+
+         u = (1 / K) * sum_k | p(y | perturbed_k) - p(y | original) |
+
+     and of a task, the mean of ``u`` over its probed examples.
+  4. Take tasks by uncertainty, highest first, all of each task's examples, until the budget is
+     filled (the last task taken in part, in a seeded random order).
+
+``u`` is a ``prompt_uncertainty`` signal of each probed example (its ``raw`` keeps the prediction
+and every ``p``), so a second run, with another budget, generates and scores nothing.
+
+Deviations:
+- The paper perturbs a task's instruction (its definition, shared by all instances); here every
+  example carries its own instruction, and each probed example's instruction is perturbed. A
+  "token" is a whitespace-separated word; an Alpaca ``input`` is never perturbed.
+- ``target="reference"`` scores the dataset's own answer instead of the model's prediction: no
+  generation, so much cheaper, but it measures sensitivity on text the model did not write.
+- The model is the embedded SmolLM2-135M-Instruct by default (the paper: T5-based models being
+  trained); predictions come from the local chat backend, so ``target="prediction"`` needs the
+  chat template.
+- Examples without a task key are left out. The paper selects a number of tasks; the budget here
+  counts examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field, model_validator
+
+from sft_select.flows.common import MethodParams, SelectionRef, finish
+from sft_select.settings import settings
+from sft_select.storage import BatchResult, Outcome, Signal
+from sft_select.storage.signals import Compute
+from sft_select.tasks.backends.lm import Template, example_losses
+from sft_select.tasks.backends.llm import get_llm
+from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.cluster import cluster_kmeans
+from sft_select.tasks.core import DatasetRef, SignalRef, fill_signal, get_store
+from sft_select.tasks.embed import embed, embed_signal
+from sft_select.tasks.lm_loss import Precision, by_length
+from sft_select.tasks.report import publish_table
+from sft_select.tasks.select import resolve_budget
+
+Target = Literal["prediction", "reference"]
+_WORD = re.compile(r"\S+\s*")
+
+
+# -- perturbing an instruction ------------------------------------------------------------------------------
+
+
+def drop_words(text: str, p: float, rng: np.random.Generator) -> str:
+    """``text`` with each whitespace-separated word dropped with probability ``p`` (a dropped word
+    takes the whitespace after it along); with ``p = 0`` the text comes back unchanged."""
+    words = _WORD.findall(text)
+    keep = rng.random(len(words)) >= p
+    return "".join(w for w, k in zip(words, keep) if k).strip()
+
+
+def with_instruction(row: Mapping[str, Any], instruction: str) -> dict[str, Any]:
+    """The example with its instruction replaced: the start of the last user turn (an Alpaca
+    ``input`` after it stays as it is), or the whole turn when it does not start with it."""
+    messages = [dict(m) for m in row["messages"]]
+    turn = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    content, original = messages[turn]["content"], row["instruction"]
+    rest = content[len(original):] if original and content.startswith(original) else ""
+    messages[turn]["content"] = instruction + rest
+    return {**row, "messages": messages, "instruction": instruction}
+
+
+def prompt_turns(row: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The turns before the final answer."""
+    messages = row["messages"]
+    return [dict(m) for m in (messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages)]
+
+
+def with_answer(row: Mapping[str, Any], answer: str) -> dict[str, Any]:
+    """The example with ``answer`` as its final assistant turn."""
+    return {**row, "messages": [*prompt_turns(row), {"role": "assistant", "content": answer}]}
+
+
+def _rng(seed: int, uid: str) -> np.random.Generator:
+    """One generator per example, so its perturbations do not depend on the batch it is in."""
+    return np.random.default_rng([seed, int(uid[:15], 16)])
+
+
+# -- the signal --------------------------------------------------------------------------------------------------
+
+
+def prompt_uncertainty_signal(model: str, *, target: Target = "prediction", template: Template = "chat",
+                              perturbations: int = 10, drop_prob: float = 0.2, seed: int = 0,
+                              max_new_tokens: int = 128, max_length: int = 1024,
+                              precision: Precision = "float32") -> Signal:
+    """``prompt_uncertainty`` of an example: mean over perturbations of ``|p(y|x_k) - p(y|x)|``.
+    Reads ``messages``, ``instruction``, ``input`` (and ``output`` for ``target="reference"``);
+    writes one float; ``raw`` holds the prediction and the probabilities."""
+    params: dict[str, Any] = {"model": model, "target": target, "template": template, "perturbations": perturbations,
+                              "drop_prob": drop_prob, "seed": seed, "max_length": max_length, "precision": precision}
+    if target == "prediction":
+        params["max_new_tokens"] = max_new_tokens
+    return Signal("prompt_uncertainty", params, version="1", kind="float")
+
+
+def build_prompt_uncertainty(signal: Signal, token_budget: int = 8192) -> Compute:
+    """The batch function of a ``prompt_uncertainty`` signal: (greedy predictions,) then every
+    example's original and perturbed prompts scored in one batched pass of the loss engine.
+    Identical prompts are scored once, so an unchanged perturbation gives exactly 0."""
+    p = signal.params
+    model, tokenizer = load_causal_lm(p["model"])
+    chat = get_llm(f"local:{p['model']}") if p["target"] == "prediction" else None
+
+    def compute(batch: pl.DataFrame) -> BatchResult:
+        rows = batch.select("uid", "messages", "instruction", "input", "output").to_dicts()
+        failed = {i: Outcome(error="no user turn to perturb", final=True)
+                  for i, r in enumerate(rows) if not any(m["role"] == "user" for m in r["messages"])}
+        targets = [r["output"] for r in rows]
+        usage: dict[str, float] = {}
+        if chat is not None:
+            results = chat.chat([prompt_turns(r) for r in rows], temperature=0.0, max_tokens=p["max_new_tokens"])
+            usage = {"completion_tokens": float(sum(r.completion_tokens for r in results))}
+            targets = [r.text or "" for r in results]
+            for i, r in enumerate(results):
+                if i in failed:
+                    continue
+                if r.error:
+                    failed[i] = Outcome(error=f"prediction failed: {r.error}")
+                elif not targets[i]:
+                    failed[i] = Outcome(error="the model's prediction is empty", final=True)
+
+        scored: list[dict[str, Any]] = []
+        index: dict[tuple[int, str], int] = {}
+        variants: list[list[int]] = []
+        for i, row in enumerate(rows):
+            if i in failed:
+                variants.append([])
+                continue
+            rng = _rng(p["seed"], row["uid"])
+            texts = [row["instruction"]] + [drop_words(row["instruction"], p["drop_prob"], rng)
+                                            for _ in range(p["perturbations"])]
+            for text in texts:
+                if (i, text) not in index:
+                    index[(i, text)] = len(scored)
+                    scored.append(with_answer(with_instruction(row, text), targets[i]))
+            variants.append([index[(i, text)] for text in texts])
+        losses = example_losses(model, tokenizer, scored, template=p["template"], max_length=p["max_length"],
+                                token_budget=token_budget, bf16=p["precision"] == "bfloat16")
+
+        outcomes = []
+        for i, slots in enumerate(variants):
+            if i in failed:
+                outcomes.append(failed[i])
+                continue
+            errors = [losses[s].error for s in slots if losses[s].error]
+            if errors:
+                outcomes.append(Outcome(error=errors[0], final=True))
+                continue
+            probs = [math.exp(-losses[s].loss) for s in slots]
+            raw = {"p_original": probs[0], "p_perturbed": probs[1:]}
+            if chat is not None:
+                raw["prediction"] = targets[i]
+            outcomes.append(Outcome(value=float(np.mean(np.abs(np.subtract(probs[1:], probs[0])))),
+                                    raw=json.dumps(raw, ensure_ascii=False)))
+        usage["prompt_tokens"] = float(sum(r.context_tokens + r.answer_tokens for r in losses))
+        return BatchResult(outcomes, usage)
+
+    return compute
+
+
+@task(name="prompt-uncertainty", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 8])
+def probe_uncertainty(signal: Signal, dataset: DatasetRef, uids: list[str], batch_size: int = 16) -> SignalRef:
+    """Fill the signal for the probed examples only (what is stored already is not computed again)."""
+    examples = dataset.read().join(pl.DataFrame({"uid": uids}, schema={"uid": pl.String}), on="uid", how="semi")
+    return fill_signal(signal, dataset, build_prompt_uncertainty, batch_size=batch_size, examples=examples,
+                       order_by=by_length)
+
+
+# -- tasks and the task-level rule ----------------------------------------------------------------------------
+
+
+def draw_order(uids: list[str], seed: int) -> list[str]:
+    """A seeded random order that depends on the examples' content only."""
+    return [hashlib.sha256(f"{seed}:{u}".encode()).hexdigest() for u in uids]
+
+
+def select_tasks(tasks: pl.DataFrame, scores: pl.DataFrame, m: int) -> pl.DataFrame:
+    """Whole tasks, most uncertain first (ties by task name), until ``m`` examples: ``tasks`` has
+    ``uid, task, draw`` (the order inside a task), ``scores`` has ``task, uncertainty, probes``.
+    Returns ``uid, score, reason`` with the task's uncertainty as every member's score."""
+    ranked = (scores.drop_nulls("uncertainty").sort(["uncertainty", "task"], descending=[True, False])
+              .with_columns(task_rank=pl.int_range(1, pl.len() + 1)))
+    members = tasks.join(ranked, on="task").sort("task_rank", "draw").head(m)
+    reason = pl.format("task '{}': prompt uncertainty {} (task {} of {}, {} probed)", "task",
+                       pl.col("uncertainty").round(6), "task_rank", pl.lit(ranked.height), "probes")
+    return members.select("uid", score="uncertainty", reason=reason)
+
+
+class ActiveITParams(MethodParams):
+    task_key: str = Field("category", description="What makes a task: a key of the examples' meta (e.g. "
+                                                  "category), or 'cluster' for k-means clusters of the "
+                                                  "instruction embeddings.")
+    clusters: int = Field(100, ge=1, description="Clusters when task_key is 'cluster'.")
+    encoder: str | None = Field(None, description="Sentence encoder of the clusters; empty: the configured one.")
+    instances: int = Field(10, ge=1, description="Examples probed per task.")
+    perturbations: int = Field(10, ge=1, description="Perturbed instructions per probed example.")
+    drop_prob: float = Field(0.2, ge=0, le=1, description="Probability of dropping each instruction word.")
+    target: Target = Field("prediction", description="prediction: the model's greedy answer to the original "
+                                                     "instruction (the paper); reference: the dataset's answer.")
+    model: str | None = Field(None, description="Causal LM that predicts and scores; empty: the configured local "
+                                                "model.")
+    template: Template = Field("chat", description="Prompt format of the scoring (prediction needs chat).")
+    max_new_tokens: int = Field(128, ge=1, description="Length of the predictions.")
+    max_length: int = Field(1024, ge=16, description="Tokens of prompt + answer when scoring.")
+    precision: Precision = Field("float32", description="bfloat16 runs the losses under bf16 autocast.")
+    batch_size: int = Field(16, ge=1, description="Probed examples per durable batch.")
+
+    @model_validator(mode="after")
+    def _prediction_needs_chat(self) -> ActiveITParams:
+        if self.target == "prediction" and self.template != "chat":
+            raise ValueError("target='prediction' generates with the chat template, so it scores with it too: "
+                             "use template='chat', or target='reference'")
+        return self
+
+
+def task_assignment(dataset: DatasetRef, params: ActiveITParams) -> tuple[pl.DataFrame, list[SignalRef]]:
+    """``uid, task, draw`` for the examples that have a task key."""
+    refs: list[SignalRef] = []
+    if params.task_key == "cluster":
+        embedding = embed_signal(params.encoder, field="prompt")
+        refs.append(embed(embedding, dataset))
+        clusters = cluster_kmeans(embedding, dataset, min(params.clusters, dataset.rows), seed=params.seed)
+        tasks = clusters.assignment().select("uid", task=pl.format("cluster {}", "cluster"))
+    else:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", params.task_key):
+            raise ValueError(f"task_key {params.task_key!r}: a meta key (letters, digits, _) or 'cluster'")
+        tasks = dataset.read(["uid", "meta"]).select("uid", task=pl.col("meta").str.json_path_match(
+            f"$.{params.task_key}"))
+    tasks = tasks.drop_nulls("task")
+    return tasks.with_columns(draw=pl.Series(draw_order(tasks["uid"].to_list(), params.seed), dtype=pl.String)), refs
+
+
+@flow(name="active_it", log_prints=True)
+def active_it(params: ActiveITParams) -> SelectionRef:
+    """Probe each task's prompt uncertainty; take the most uncertain tasks until the budget is full."""
+    dataset = DatasetRef.load(params.dataset, params.dataset_version)
+    params = params.model_copy(update={"model": params.model or settings().local_llm})
+    m = resolve_budget(params.budget, dataset.rows)
+
+    tasks, signals = task_assignment(dataset, params)
+    if tasks.is_empty():
+        raise ValueError(f"no example of {dataset.name} has a task key {params.task_key!r} in its meta")
+    probes = tasks.filter(pl.col("draw").rank("ordinal").over("task") <= params.instances)
+    signal = prompt_uncertainty_signal(params.model, target=params.target, template=params.template,
+                                       perturbations=params.perturbations, drop_prob=params.drop_prob,
+                                       seed=params.seed, max_new_tokens=params.max_new_tokens,
+                                       max_length=params.max_length, precision=params.precision)
+    signals.append(probe_uncertainty(signal, dataset, probes["uid"].to_list(), batch_size=params.batch_size))
+
+    values = get_store().signals.values(signal, probes["uid"], alias="u")
+    scores = (probes.join(values, on="uid").group_by("task")
+              .agg(uncertainty=pl.col("u").mean(), probes=pl.col("u").count())
+              .join(tasks.group_by("task").len("examples"), on="task"))
+    selection = select_tasks(tasks, scores, m)
+
+    taken = selection.join(tasks, on="uid").group_by("task").len("selected")
+    table = (scores.join(taken, on="task", how="left").with_columns(pl.col("selected").fill_null(0))
+             .sort("uncertainty", "task", descending=[True, False], nulls_last=True))
+    publish_table("active-it-tasks", table.to_dicts(),
+                  f"prompt uncertainty per task ({params.task_key}) on {dataset.name}@{dataset.version}")
+    print(f"active_it: {selection.height} of {dataset.rows} examples from {taken.height} of {scores.height} tasks "
+          f"({params.task_key}); {dataset.rows - tasks.height} examples without a task left out")
+    return finish("active_it", params, dataset, selection, signals)
+
+
+if __name__ == "__main__":
+    import sys
+
+    active_it(ActiveITParams(dataset=sys.argv[1], task_key=sys.argv[2] if len(sys.argv) > 2 else "category"))
