@@ -15,10 +15,17 @@ paid for once per example and judge and then shared by every run and dataset. Fo
 example the judge sees the last exchange only (its instruction, input and response). An answer
 whose first line holds no score in [0, 5] is stored as an error with its raw text and the example
 is not selected (the paper does not say what it did with such answers).
+
+``scoring="expected"`` (the default for local judges) asks for the score digit alone and reads the
+judge's first-token distribution over "0".."5", taking the expected score sum_k k * p(k) (the
+device DEITA uses): a 135M local model rarely writes a parseable first line (79 of 80 failed on
+alpaca_9k), but its digit distribution always gives a rating. It is a deviation from the paper's
+text rating, and a model that small is a weak judge: use a capable judge for real selections.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import polars as pl
@@ -27,7 +34,8 @@ from pydantic import Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.tasks.core import DatasetRef, get_store
-from sft_select.tasks.llm import Prompt, first_number, llm_signal, score_with_llm
+from sft_select.tasks.backends.llm import get_llm
+from sft_select.tasks.llm import Prompt, expected_score, first_number, llm_signal, score_with_llm
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget, select
 
@@ -46,12 +54,28 @@ def _rating(raw: str) -> float:
     return first_number(raw, low=0, high=5)
 
 
-PROMPTS: dict[str, Prompt] = {
-    "accuracy": Prompt(name="alpagasus_accuracy", version="1", system=SYSTEM, parse=_rating, max_tokens=256,
-                       temperature=0.0, template=_template("accuracy", "fully correct and complete")),
-    "helpfulness": Prompt(name="alpagasus_helpfulness", version="1", system=SYSTEM, parse=_rating, max_tokens=256,
-                          temperature=0.0, template=_template("helpfulness", "as helpful as a response can be")),
-}
+def _expected_rating(raw: str) -> float:
+    positions = json.loads(raw).get("top_logprobs") or []
+    if not positions:
+        raise ValueError("the backend returned no log-probs")
+    return expected_score(positions[0], scores=range(0, 6))
+
+
+def _digit_template(criterion: str, best: str) -> str:
+    return ("### Instruction:\n{instruction}\n\n### Input:\n{input_or_none}\n\n### Response:\n{output}\n\n"
+            f"Rate the {criterion} of the response to the instruction and its input on a scale from 0 to 5, where "
+            f"5 means {best}. Reply with the score digit only.")
+
+
+CRITERIA = {"accuracy": "fully correct and complete", "helpfulness": "as helpful as a response can be"}
+PROMPTS: dict[tuple[str, str], Prompt] = {}
+for _criterion, _best in CRITERIA.items():
+    PROMPTS[_criterion, "text"] = Prompt(
+        name=f"alpagasus_{_criterion}", version="1", system=SYSTEM, parse=_rating, max_tokens=256, temperature=0.0,
+        template=_template(_criterion, _best))
+    PROMPTS[_criterion, "expected"] = Prompt(
+        name=f"alpagasus_{_criterion}_expected", version="1", system=SYSTEM, parse=_expected_rating, max_tokens=1,
+        temperature=0.0, top_logprobs=20, template=_digit_template(_criterion, _best))
 
 
 class AlpaGasusParams(MethodParams):
@@ -61,6 +85,10 @@ class AlpaGasusParams(MethodParams):
     threshold: float | None = Field(4.5, description="Keep ratings >= this (the paper's 4.5); empty: no threshold.")
     criterion: Literal["accuracy", "helpfulness"] = Field(
         "accuracy", description="What the judge rates: accuracy (the paper's main filter) or helpfulness.")
+    scoring: Literal["auto", "text", "expected"] = Field(
+        "auto", description="'text': the paper's form, the score read from the first line of the judge's answer; "
+                            "'expected': the expected score over the tokens 0-5 at the first position (needs "
+                            "log-probs); 'auto': expected for local judges, text otherwise.")
     judge: str | None = Field(
         None, description="LLM backend: 'openai:<model>' (OPENAI_BASE_URL, any compatible server), 'local', "
                           "'local:<model folder>'; empty: the configured default (SFT_SELECT_LLM).")
@@ -71,8 +99,11 @@ class AlpaGasusParams(MethodParams):
 def alpagasus(params: AlpaGasusParams) -> SelectionRef:
     """Rate every example 0-5 with an LLM judge; keep ratings >= 4.5 (or the m best)."""
     dataset = DatasetRef.load(params.dataset, params.dataset_version)
-    signal = llm_signal(PROMPTS[params.criterion], params.judge)
-    params = params.model_copy(update={"judge": signal.model})  # the selection records the judge used
+    judge = get_llm(params.judge)
+    scoring = params.scoring if params.scoring != "auto" else ("expected" if judge.name.startswith("local") else "text")
+    signal = llm_signal(PROMPTS[params.criterion, scoring], judge)
+    # the selection records the judge and the scoring actually used
+    params = params.model_copy(update={"judge": signal.model, "scoring": scoring})
 
     rated = score_with_llm(signal, dataset, batch_size=params.batch_size)
     scores = get_store().signals.values(signal, dataset.read(["uid"])["uid"], alias="score")

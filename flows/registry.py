@@ -13,11 +13,20 @@ METHODS: dict[str, str] = {
     "random": "sft_select.flows.random_subset:random_subset",
     "longest": "sft_select.flows.longest:longest",
     "alpagasus": "sft_select.flows.alpagasus:alpagasus",
+    "coreset": "sft_select.flows.coreset:coreset",
+    "ifd": "sft_select.flows.ifd:ifd",
+    "nuggets": "sft_select.flows.nuggets:nuggets",
+    "active_it": "sft_select.flows.active_it:active_it",
+    "dq": "sft_select.flows.dq:dq",
+    "instructmining": "sft_select.flows.instructmining:instructmining",
+    "diverseevol": "sft_select.flows.diverseevol:diverseevol",
+    "instructiongpt4": "sft_select.flows.instructiongpt4:instructiongpt4",
 }
 # flows that are not selection methods, deployed too
 OTHER_FLOWS: dict[str, str] = {
     "ingest": "sft_select.flows.ingest:ingest",
     "demo": "sft_select.flows.demo:demo",
+    "compare": "sft_select.flows.compare:compare",
 }
 
 

@@ -58,7 +58,7 @@ def test_alpagasus_rates_once_and_reuses_the_ratings(store, server):
     assert server.requests == 12  # ratings are keyed by example, not by dataset
     assert store.selections.read(half.selection_id)["score"].to_list() == [5.0, 4.5, 4.0]
 
-    signal = llm_signal(PROMPTS["accuracy"], judge_name)
+    signal = llm_signal(PROMPTS["accuracy", "text"], judge_name)
     cost = store.catalog.query("SELECT calls, model FROM signals WHERE signal_id = ?", [signal.id]).row(0)
     assert cost == (12, judge_name)
     params = store.catalog.query("SELECT params FROM selections WHERE selection_id = ?", [kept.selection_id]).item()
