@@ -23,8 +23,13 @@ demo: install
 test: install
 	$(VENV)/bin/pytest
 
+# each prints its measured ratios and targets; full-size options are in each script's docstring
 bench: install
-	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	$(PY) benchmarks/judge_throughput.py
+	$(PY) benchmarks/kcenter.py --m 1000
+	$(PY) benchmarks/loss_engine.py --examples 32
+	$(PY) benchmarks/ifd_throughput.py --limit 128
+	$(PY) benchmarks/storage_1m.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
