@@ -48,13 +48,13 @@ from sft_select.storage.signals import Compute
 from sft_select.tasks.cluster import select_kcenter
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store, signal_task
 from sft_select.tasks.embed import build_embed, embed_signal
+from sft_select.tasks.backends.models import FINETUNED
 from sft_select.tasks.finetune import FINISHED, FinetunedRef, Recipe, base_identity, finetune_task, finetuned_dir
 from sft_select.tasks.lm_loss import by_length
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget
 
 VERSION = "1"
-FINETUNED = "finetuned:"  # the model of an embedding signal made with a fine-tuned model: its cache key
 
 
 def finetuned_embed_signal(model: FinetunedRef, max_tokens: int = 512) -> Signal:

@@ -67,7 +67,7 @@ from sft_select.settings import settings
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.lm import Template, answer_losses, encode_many, render
-from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.backends.models import FINETUNED, load_causal_lm
 from sft_select.tasks.cluster import cluster_kmeans
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store, signal_task
 from sft_select.tasks.embed import embed, embed_signal
@@ -224,7 +224,7 @@ def ifd(params: IFDParams) -> SelectionRef:
     scorer = params.model
     if params.pre_experience:
         experienced, signals = brief_experience(dataset, params.model, params)
-        scorer = experienced.path
+        scorer = FINETUNED + experienced.key  # the signal's identity is the model's content key, not its folder
 
     conditioned, unconditioned = (lm_loss_signal(scorer, conditioned=c, template=TEMPLATE[variant],
                                                  max_length=params.max_length, precision=params.precision)

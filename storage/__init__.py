@@ -7,6 +7,9 @@ Knows nothing of Prefect or models. Everything lives under one folder (``SFT_SEL
     signals/<signal_id>/part-*.parquet  immutable parts of one signal's values
     selections/<selection_id>.parquet   ordered uids with score and reason
     rejects/                            records set aside at ingest, with their reasons
+    exports/                            training files written for selections
+    derived/                            results of derived tasks (cluster assignments, DQ bins, ...)
+                                        keyed by content hashes
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from sft_select.settings import settings
 from sft_select.storage import fingerprint
 from sft_select.tasks.backends.lm import ALPACA_PREAMBLE, ALPACA_RESPONSE
-from sft_select.tasks.backends.models import causal_lm_path, load_causal_lm
+from sft_select.tasks.backends.models import causal_lm_path, finetuned_dir, load_causal_lm
 
 log = logging.getLogger("sft_select")
 
@@ -124,10 +124,6 @@ class FinetunedRef(BaseModel):
     def path(self) -> str:
         """Where the weights are (derived from the model cache, so the reference survives a move)."""
         return str(finetuned_dir(self.key))
-
-
-def finetuned_dir(key: str) -> Path:
-    return settings().model_cache / "finetuned" / key
 
 
 def base_identity(base: str) -> str:

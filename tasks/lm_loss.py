@@ -59,7 +59,8 @@ def build_lm_loss(signal: Signal, token_budget: int = 8192) -> Compute:
                                  conditioned=p["conditioned"], template=p["template"], max_length=p["max_length"],
                                  token_budget=token_budget, bf16=p["precision"] == "bfloat16")
         outcomes = [
-            Outcome(value=r.loss, error=r.error,
+            # the same model on the same text fails the same way: loss errors are final, not retried
+            Outcome(value=r.loss, error=r.error, final=r.error is not None,
                     raw=json.dumps({"context_tokens": r.context_tokens, "answer_tokens": r.answer_tokens,
                                     "answer_tokens_total": r.answer_tokens_total}))
             for r in results

@@ -37,12 +37,14 @@ Templates (``template=``):
 
 Speed: sequences are sorted by length and packed into batches of at most ``token_budget`` padded
 tokens; padding is on the right, so with a causal mask no real token sees a pad and no attention
-mask is needed; logits are computed only from the first answer position on
-(``logits_to_keep``), under ``torch.inference_mode`` and, optionally, bf16 autocast.
+mask is needed; the output layer runs only on the positions that predict answer tokens, in
+chunks, so no ``batch x length x vocabulary`` logits tensor is ever made; all under
+``torch.inference_mode`` and, optionally, bf16 autocast.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -228,13 +230,16 @@ def check_template(tokenizer: Any, template: str) -> None:
 # -- batching and forward passes -------------------------------------------------------------------
 
 
-def length_batches(lengths: Sequence[int], token_budget: int) -> Iterator[list[int]]:
+def length_batches(lengths: Sequence[int], token_budget: int, max_padding: float = 0.25) -> Iterator[list[int]]:
     """Indices sorted by length (longest first), cut into batches whose padded size
-    ``rows * longest`` stays within ``token_budget`` (a longer sequence still gets a batch alone)."""
+    ``rows * longest`` stays within ``token_budget`` (a longer sequence still gets a batch alone)
+    and in which no row is padded by more than ``max_padding`` of its batch's width (padding is
+    wasted compute: on a CPU it costs as much as real tokens)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batch: list[int] = []
     for i in order:
-        if batch and (len(batch) + 1) * lengths[batch[0]] > token_budget:
+        width = lengths[batch[0]] if batch else 0
+        if batch and ((len(batch) + 1) * width > token_budget or lengths[i] < (1 - max_padding) * width):
             yield batch
             batch = []
         batch.append(i)
@@ -258,36 +263,69 @@ def _autocast(model: Any, bf16: bool):
     return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+_CHUNK = 2048  # answer positions per output-layer chunk: bounds the (tokens x vocabulary) logits in memory
+_head_ok: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _output_head(model: Any):
+    """(decoder, output layer) when ``output_layer(decoder(x).last_hidden_state)`` is the model's
+    logits (checked once per model on a short probe: it is not for models that scale or cap their
+    logits after the output layer), else None."""
+    import torch
+
+    if model not in _head_ok:
+        ok = None
+        decoder, head = getattr(model, "get_decoder", lambda: None)(), model.get_output_embeddings()
+        if decoder is not None and head is not None:
+            probe = torch.arange(1, 9, device=model.device)[None, :]
+            with torch.inference_mode():
+                full = model(input_ids=probe, use_cache=False).logits
+                mine = head(decoder(input_ids=probe, use_cache=False).last_hidden_state)
+            if mine.shape == full.shape and torch.allclose(mine, full, atol=1e-5, rtol=1e-5):
+                ok = (decoder, head)
+        _head_ok[model] = ok
+    return _head_ok[model]
+
+
 def answer_losses(model: Any, items: Sequence[Encoded], *, token_budget: int = 8192, bf16: bool = False) -> np.ndarray:
     """Mean answer-token cross-entropy of each item (float64; NaN where the answer is empty).
 
-    One forward pass per length-sorted batch; the result is in the order of ``items``.
+    One forward pass per length-sorted batch; the result is in the order of ``items``. The output
+    layer runs only on the positions that predict answer tokens, ``_CHUNK`` at a time (where the
+    model allows, see :func:`_output_head`), so no ``batch x length x vocabulary`` tensor is made.
     """
     import torch
     import torch.nn.functional as F
 
     out = np.full(len(items), np.nan)
     scored = [i for i, it in enumerate(items) if it.answer]
+    head = _output_head(model)
     with torch.inference_mode(), _autocast(model, bf16):
         for batch in length_batches([len(items[i]) for i in scored], token_budget):
             rows = [items[scored[b]] for b in batch]
             ids = _padded([r.context + r.answer for r in rows], model.device)
-            # position p predicts token p + 1: keep logits from the earliest last-context position on
+            # position p predicts token p + 1: the answer's tokens are predicted from context_len - 1 on
             first = min(len(r.context) for r in rows) - 1
             targets = torch.full((len(rows), ids.shape[1] - first), -100, dtype=torch.long)
             for k, r in enumerate(rows):
                 start = len(r.context) - 1 - first
                 targets[k, start : start + len(r.answer)] = torch.tensor(r.answer, dtype=torch.long)
-            keep = torch.arange(first, ids.shape[1], device=model.device)
-            logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits
-            targets = targets.to(logits.device)
+            targets = targets.to(model.device)
             mask = targets != -100
-            token_loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
-            row_of = torch.nonzero(mask)[:, 0]
-            sums = torch.zeros(len(rows), dtype=torch.float64, device=logits.device)
-            sums.index_add_(0, row_of, token_loss.double())
-            means = (sums / mask.sum(dim=1).double()).cpu().numpy()
-            out[[scored[b] for b in batch]] = means
+            if head is not None:
+                decoder, output = head
+                states = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, first:][mask]
+                wanted = targets[mask]
+                token_loss = torch.cat([
+                    F.cross_entropy(output(states[c : c + _CHUNK]).float(), wanted[c : c + _CHUNK], reduction="none")
+                    for c in range(0, len(wanted), _CHUNK)])
+            else:
+                keep = torch.arange(first, ids.shape[1], device=model.device)
+                logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits
+                token_loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+            sums = torch.zeros(len(rows), dtype=torch.float64, device=token_loss.device)
+            sums.index_add_(0, torch.nonzero(mask)[:, 0], token_loss.double())
+            out[[scored[b] for b in batch]] = (sums / mask.sum(dim=1).double()).cpu().numpy()
     return out
 
 

