@@ -139,12 +139,21 @@ def test_batched_length_sorted_values_equal_one_by_one(tiny):
     rows = [make_example([{"role": "user", "content": " ".join(rng.choice(words, rng.integers(1, 30)))},
                           {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 60)))}])
             for _ in range(23)]
+    single: dict[bool, list[float]] = {}
     for conditioned in (True, False):
         batched = lm.example_losses(model, tok, rows, conditioned=conditioned, token_budget=512)
-        single = [lm.example_losses(model, tok, [r], conditioned=conditioned)[0] for r in rows]
-        np.testing.assert_allclose([b.loss for b in batched], [s.loss for s in single], atol=1e-5, rtol=0)
-    batches = list(lm.length_batches([len(x) for x in ("aaa", "a", "aa", "aaaa")], token_budget=8))
-    assert batches == [[3, 0], [2, 1]]  # longest first, at most 8 padded tokens a batch
+        single[conditioned] = [lm.example_losses(model, tok, [r], conditioned=conditioned)[0].loss for r in rows]
+        np.testing.assert_allclose([b.loss for b in batched], single[conditioned], atol=1e-5, rtol=0)
+    assert lm._output_head(model) is not None  # a Llama's logits are its output layer on the last hidden state
+    lm._head_ok[model] = None  # the general path: the model's own logits from the first answer position on
+    try:
+        general = lm.example_losses(model, tok, rows, token_budget=512)
+    finally:
+        del lm._head_ok[model]
+    np.testing.assert_allclose([g.loss for g in general], single[True], atol=1e-5, rtol=0)
+    # longest first, at most 8 padded tokens a batch, no row padded by more than a quarter
+    assert list(lm.length_batches([3, 1, 2, 4], token_budget=8)) == [[3, 0], [2], [1]]
+    assert list(lm.length_batches([3, 1, 2, 4], token_budget=8, max_padding=0.9)) == [[3, 0], [2, 1]]
 
 
 def test_hidden_states_mean_and_last_pooling(tiny):
