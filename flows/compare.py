@@ -184,8 +184,7 @@ def compare(params: CompareParams) -> CompareResult:
             continue
         examples = examples.sort("uid")  # one order per content: one fine-tune key, one training run
         cached = (finetuned_dir(finetune_key(examples, params.base, params.recipe)) / FINISHED).exists()
-        # log_prints off: dill prints bytecode disassemblies while `datasets` fingerprints TRL's functions
-        tune = finetune_task.with_options(task_run_name=f"fine-tune[{name}]", log_prints=False)
+        tune = finetune_task.with_options(task_run_name=f"fine-tune[{name}]")
         model = tune(examples, params.base, params.recipe)
         rows.append(leaderboard_row(name, kind, selection_id, examples.height, model, suites, trained=not cached))
         print(f"{name}: {examples.height} examples, model {model.key} ({'reused' if cached else 'trained'})")

@@ -390,8 +390,9 @@ def _finetune_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> 
     return f"finetune-{key}" if (finetuned_dir(key) / FINISHED).exists() else None
 
 
+# log_prints off: dill prints bytecode disassemblies while `datasets` fingerprints TRL's functions
 @task(name="fine-tune-seed-model", cache_key_fn=_finetune_cache_key, persist_result=True,
-      result_serializer="json", retries=1, retry_delay_seconds=[5])
+      result_serializer="json", retries=1, retry_delay_seconds=[5], log_prints=False)
 def finetune_task(examples: pl.DataFrame, base: str = "smollm2-135m-instruct",
                   recipe: Recipe | None = None) -> FinetunedRef:
     """Prefect task: :func:`finetune`. A retry (or a re-run after a kill) resumes from the last
