@@ -3,7 +3,6 @@ concurrent writers, no torn parts."""
 
 from __future__ import annotations
 
-import os
 import signal as signals
 import subprocess
 import sys
