@@ -53,7 +53,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # The example schedule: (flow, cron in UTC, parameters of the runs it creates).
-NIGHTLY: tuple[str, str, dict[str, Any]] = ("longest", "0 2 * * *", {"params": {"dataset": "demo", "budget": 0.1}})
+# AlpaGasus rates with the configured judge; ratings are signals, so each night pays only for new examples.
+NIGHTLY: tuple[str, str, dict[str, Any]] = (
+    "alpagasus", "0 2 * * *", {"params": {"dataset": "demo", "budget": 0.1, "threshold": None}})
 
 
 def default_parameters(name: str, flow: Flow) -> dict[str, Any]:
