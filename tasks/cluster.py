@@ -35,6 +35,7 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 from sft_select.storage import Signal
+from sft_select.storage.datasets import atomic_parquet
 from sft_select.tasks.core import DatasetRef, get_store
 from sft_select.tasks.embed import load_vectors
 
@@ -261,11 +262,7 @@ def cluster_kmeans(signal: Signal, dataset: DatasetRef, k: int, seed: int = 0, n
     key = content_key("kmeans", {"signal": signal, "dataset": dataset, "k": k, "seed": seed, "niter": niter})
     path = Path("derived") / f"{key}.parquet"
     frame = pl.DataFrame({"uid": uids, "cluster": assignment.astype(np.int32), "distance": distance.astype(np.float32)})
-    target = get_store().home / path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{target.name}")
-    frame.write_parquet(tmp)
-    tmp.replace(target)
+    atomic_parquet(frame, get_store().home / path)
     return Clusters(signal_id=signal.id, fingerprint=dataset.fingerprint, k=k, seed=seed, rows=len(uids),
                     missing=missing, anchors=[uids[i] for i in anchors],
                     sizes=np.bincount(assignment, minlength=k).tolist(), inertia=float((distance**2).sum()),
