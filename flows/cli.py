@@ -160,7 +160,7 @@ def compare(
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     budget: Annotated[float, typer.Option(help="Count (>= 1) or fraction (< 1), the same for every method.")] = 0.1,
     methods: Annotated[str, typer.Option(help="Methods, comma-separated; random, longest and full data are "
-                                              "always added.")] = "random,longest",
+                                              "added as baselines.")] = "random,longest",
     suites: Annotated[str, typer.Option(help="Suites, comma-separated: refloss, ifeval, judge, mtbench, each "
                                              "optionally NAME=PATH.")] = "refloss",
     eval_dir: Annotated[Path | None, typer.Option(help="Folder of the evaluation files (e.g. "
@@ -175,6 +175,7 @@ def compare(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Method parameter, METHOD.KEY=VALUE (JSON "
                                                                  "values; repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every method that samples.")] = 0,
+    full_data: Annotated[bool, typer.Option(help="Add the full-data baseline (fine-tune on the whole pool).")] = True,
 ) -> None:
     """Select with every method at one budget, fine-tune the same base on each selection, evaluate,
     and print the leaderboard (artifacts in Prefect, files under SFT_SELECT_HOME/reports)."""
@@ -195,7 +196,7 @@ def compare(
         if stray:
             raise ValueError(f"--set {stray}: use METHOD.KEY=VALUE for a method in --methods")
         params = CompareParams(
-            dataset=dataset, budget=budget, methods=runs, base=base, seed=seed,
+            dataset=dataset, budget=budget, methods=runs, base=base, seed=seed, full_data=full_data,
             recipe=Recipe(**SHORT_RECIPE.model_dump() | _assignments(recipe)),
             suites=[suite_from_name(s.strip(), limit=limit, judge=judge, max_new_tokens=max_new_tokens)
                     for s in suites.split(",") if s.strip()],

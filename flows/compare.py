@@ -10,9 +10,9 @@ on S_pi(m) and measure it. For one pool D and one budget m:
     leaderboard: one row per pi, ranked by the first suite's headline metric
 
 Baselines, always in the comparison: random at m, the m longest responses (Zhao et al. 2024) and
-full data, the whole pool (no selection flow runs for it; its evaluation rows carry the pseudo
-selection id ``full-<dataset fingerprint>``). The base model without fine-tuning is evaluated too,
-as a reference row (``base_row``). Large studies (Xia et al. 2024; Ivison et al. 2025) found that
+(unless ``full_data`` is off) full data, the whole pool (no selection flow runs for it; its
+evaluation rows carry the pseudo selection id ``full-<dataset fingerprint>``). The base model
+without fine-tuning is evaluated too, as a reference row (``base_row``). Large studies (Xia et al. 2024; Ivison et al. 2025) found that
 few methods beat random at scale, so every row also shows its paired difference to random on
 the same evaluation items, with a 95% interval: ``mean_i(q_i - r_i) +/- 1.96 * sd / sqrt(n)``.
 
@@ -122,6 +122,9 @@ class CompareParams(BaseModel):
                     "the first 100 AlpacaEval prompts with GPT-4-turbo answers.")
     eval_dir: str | None = Field(None, description="Folder holding the evaluation files (e.g. shared/data/eval).")
     base_row: bool = Field(True, description="Also evaluate the base model without fine-tuning, as a reference.")
+    full_data: bool = Field(True, description="Add the full-data baseline: the base fine-tuned on the whole pool "
+                                              "(the costliest row; with recipe.max_steps set it trains as many "
+                                              "steps as every other row, on a random sample of the pool).")
     seed: int = Field(0, description="Seed of every method that samples (random among them).")
 
 
@@ -172,7 +175,8 @@ def compare(params: CompareParams) -> CompareResult:
         uids = get_store().selections.read(ref.selection_id)["uid"]
         kind = "baseline" if run.method in BASELINES else "method"
         entries.append((run.name, kind, ref.selection_id, pool.join(uids.to_frame(), on="uid", how="semi")))
-    entries.append(("full", "baseline", f"full-{dataset.fingerprint[:12]}", pool))
+    if params.full_data:
+        entries.append(("full", "baseline", f"full-{dataset.fingerprint[:12]}", pool))
 
     # 2. fine-tune the same base with the same recipe on each selection; 3. evaluate every model
     rows: list[LeaderboardRow] = []

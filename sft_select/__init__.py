@@ -8,6 +8,7 @@ Importing the package points Prefect at a folder under ``SFT_SELECT_HOME`` (unle
 is set) and switches off what fails offline, before Prefect itself is imported.
 """
 
+import logging
 import os
 
 from .settings import settings
@@ -24,3 +25,8 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's spinning OpenMP threads fight faiss and MKL
+# The project's own log lines (progress of long work, reuse counts) go to the console and, inside a run,
+# to the Prefect UI with the run's logs.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sft_select")
+if logging.getLogger("sft_select").level == logging.NOTSET:
+    logging.getLogger("sft_select").setLevel(logging.INFO)

@@ -33,11 +33,13 @@ import os
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import polars as pl
 from filelock import FileLock
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -251,9 +253,11 @@ def _loss_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
             "loss_last": points[-1][1] if points else None, "train_loss": train_loss}
 
 
-def finetune(examples: pl.DataFrame, base: str = "smollm2-135m-instruct", recipe: Recipe | None = None) -> FinetunedRef:
+def finetune(examples: pl.DataFrame, base: str = "smollm2-135m-instruct", recipe: Recipe | None = None,
+             progress: Callable[[int, int], None] | None = None) -> FinetunedRef:
     """Plain function: fine-tune ``base`` on ``examples`` (canonical frame; uses ``uid`` and
     ``messages``) with ``recipe``; returns the cached result when there is one, resumes a killed run.
+    Every ``recipe.logging_steps`` steps the loss is logged and ``progress(step, total_steps)`` called.
 
     ``base`` is anything ``causal_lm_path`` resolves: an embedded name (``smollm2-135m-instruct``,
     ``gemma-3-270m``), a local folder, or a hub id where there is a network.
@@ -269,15 +273,25 @@ def finetune(examples: pl.DataFrame, base: str = "smollm2-135m-instruct", recipe
             log.info("fine-tuned model %s found in the cache", key)
             rebase_adapter(out, base)
             return FinetunedRef.model_validate_json((out / FINISHED).read_text())
-        ref = _train(examples, base, recipe, key, out)
+        ref = _train(examples, base, recipe, key, out, progress)
     return ref
 
 
-def _train(examples: pl.DataFrame, base: str, recipe: Recipe, key: str, out: Path) -> FinetunedRef:
+def _train(examples: pl.DataFrame, base: str, recipe: Recipe, key: str, out: Path,
+           progress: Callable[[int, int], None] | None = None) -> FinetunedRef:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                log.info("fine-tune %s: step %d/%d, loss %.4f", key[:12], state.global_step, state.max_steps,
+                         float(logs["loss"]))
+                if progress is not None:
+                    progress(state.global_step, state.max_steps)
 
     if settings().torch_threads:
         torch.set_num_threads(settings().torch_threads)
@@ -322,7 +336,7 @@ def _train(examples: pl.DataFrame, base: str, recipe: Recipe, key: str, out: Pat
         r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
         target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=peft_config, callbacks=[Progress()])
     resume = last_checkpoint(work) if work.exists() else None
     resumed_from = int(resume.name.split("-")[-1]) if resume else None
     if resume:
@@ -395,6 +409,8 @@ def _finetune_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> 
       result_serializer="json", retries=1, retry_delay_seconds=[5], log_prints=False)
 def finetune_task(examples: pl.DataFrame, base: str = "smollm2-135m-instruct",
                   recipe: Recipe | None = None) -> FinetunedRef:
-    """Prefect task: :func:`finetune`. A retry (or a re-run after a kill) resumes from the last
-    checkpoint."""
-    return finetune(examples, base, recipe)
+    """Prefect task: :func:`finetune`, with a progress artifact. A retry (or a re-run after a kill)
+    resumes from the last checkpoint."""
+    artifact = create_progress_artifact(0.0, description=f"fine-tuning {base} on {examples.height} examples")
+    return finetune(examples, base, recipe,
+                    progress=lambda step, total: update_progress_artifact(artifact, 100.0 * step / max(total, 1)))

@@ -7,6 +7,10 @@ the prompt (name, version and a hash of its wording), temperature and max tokens
 is the parser's. :data:`score_with_llm` fills such a signal through the one signal store, so a
 rating paid for once is found again by every method and every dataset holding the example.
 
+:func:`stored_chat` is the same store for free-form answers that belong to no example (an
+evaluation's generations and judge verdicts): the ``chat`` signal of a model and generation
+settings holds each conversation's answer under the conversation's hash.
+
 Every row keeps the raw model text. A backend failure or a parse failure is stored as an error
 (with the raw text), never as a default value (DEITA's public scorer returned 3.0 for every
 unparseable answer). :func:`reparse` applies a new parser to the stored raw text, writing a new
@@ -27,7 +31,7 @@ import polars as pl
 
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.examples import prompt_text
-from sft_select.storage.signals import Compute, Kind
+from sft_select.storage.signals import Compute, Kind, canonical_json
 from sft_select.tasks.backends.llm import LLM, ChatResult, Conversation, get_llm, usage_of
 from sft_select.tasks.core import get_store, signal_task
 
@@ -148,6 +152,42 @@ score_with_llm = signal_task("score_with_llm", llm_batch_of, batch_size=32)
 """Prefect task ``(signal, dataset) -> SignalRef``: fill an :func:`llm_signal` for a dataset."""
 
 
+def chat_signal(model: str, *, temperature: float, max_tokens: int) -> Signal:
+    """The stored answers of ``model`` (an ``LLM.name`` or a model identity) at these settings."""
+    return Signal("chat", {"model": model, "temperature": temperature, "max_tokens": max_tokens}, kind="text")
+
+
+def conversation_uid(conversation: Conversation) -> str:
+    """The key of a conversation in a ``chat`` signal: sha256 of its canonical JSON."""
+    return hashlib.sha256(canonical_json(list(conversation)).encode()).hexdigest()
+
+
+def stored_chat(llm: LLM, conversations: list[Conversation], *, max_tokens: int, temperature: float = 0.0,
+                model: str | None = None, batch_size: int = 32) -> list[ChatResult]:
+    """``llm.chat`` through the signal store, for answers that must not be paid for twice: the
+    conversations without a stored answer are sent ``batch_size`` at a time, each batch on disk
+    before the next starts, so a killed evaluation resumes where it stopped and a repeated one
+    makes no call. ``model`` names the answering model in the signal when ``llm.name`` does not
+    (a fine-tuned folder). Meant for temperature 0, where an answer is a function of the model,
+    the conversation and the settings. Failed calls come back with ``error`` set and are asked
+    again on the next call (up to the store's attempts)."""
+    signal = chat_signal(model or llm.name, temperature=temperature, max_tokens=max_tokens)
+    uids = [conversation_uid(c) for c in conversations]
+    frame = pl.DataFrame({"uid": uids, "conversation": [canonical_json(list(c)) for c in conversations]})
+
+    def compute(batch: pl.DataFrame) -> BatchResult:
+        results = llm.chat([json.loads(c) for c in batch["conversation"]], temperature=temperature,
+                           max_tokens=max_tokens)
+        return BatchResult([Outcome(value=r.text) if r.error is None else Outcome(error=r.error) for r in results],
+                           usage_of(results))
+
+    store = get_store()
+    store.signals.fill(signal, frame, compute, batch_size=batch_size)
+    stored = {row["uid"]: row for row in store.signals.read(signal, uids).iter_rows(named=True)}
+    return [ChatResult(text=stored[u]["value"]) if stored[u]["error"] is None else ChatResult(error=stored[u]["error"])
+            for u in uids]
+
+
 def reparse(signal: Signal, prompt: Prompt, uids: Iterable[str] | None = None) -> Signal:
     """Parse the raw text stored for ``signal`` again with ``prompt.parse`` into the signal's next
     version (``prompt.parser_version``), without calling the model. Rows whose model call failed
@@ -208,5 +248,6 @@ def parse_expected_score(raw: str) -> float:
     return expected_score(positions[0])
 
 
-__all__ = ["PROMPTS", "Prompt", "expected_score", "first_number", "llm_batch", "llm_batch_of", "llm_signal",
-           "parse_expected_score", "prompt_of", "reparse", "score_with_llm"]
+__all__ = ["PROMPTS", "Prompt", "chat_signal", "conversation_uid", "expected_score", "first_number", "llm_batch",
+           "llm_batch_of", "llm_signal", "parse_expected_score", "prompt_of", "reparse", "score_with_llm",
+           "stored_chat"]

@@ -18,7 +18,7 @@ from openai_server import OpenAIServer, last_user
 from sft_select.settings import settings
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
-from tiny_lm import WORDS, build_tiny_llama
+from tiny_lm import WORDS, tiny_home
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -42,34 +42,28 @@ def judge(request) -> str:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
-    base = build_tiny_llama(root / "tiny")  # before moving the model cache: it uses SmolLM2's tokenizer
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SFT_SELECT_HOME", str(root / "home"))
-    mp.setenv("SFT_SELECT_MODEL_CACHE", str(root / "models"))
-    mp.setenv("SFT_SELECT_TORCH_THREADS", "2")
-    server = OpenAIServer(judge).__enter__()
-    mp.setenv("OPENAI_BASE_URL", server.url)
-    mp.setenv("OPENAI_API_KEY", "sk-test-compare")
-    settings.cache_clear()
-    from sft_select.tasks.core import get_store
+    with tiny_home(root, SFT_SELECT_TORCH_THREADS="2", OPENAI_API_KEY="sk-test-compare") as (base, mp), \
+            OpenAIServer(judge) as server:
+        mp.setenv("OPENAI_BASE_URL", server.url)
+        settings.cache_clear()
+        from sft_select.tasks.core import get_store
 
-    pool = [record(w, k) for w in WORDS for k in (1, 2, 3)]
-    get_store().datasets.register("pool", frame([
-        make_example([{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}])
-        for r in pool]))
-    evals = root / "eval"
-    evals.mkdir()
-    (evals / "reference.json").write_text(json.dumps([record(w, 2) for w in ("apple", "kiwi", "mango", "plum")]))
-    (evals / "ifeval.jsonl").write_text("\n".join(json.dumps(i) for i in [
-        {"key": 1, "prompt": "Say hello without commas.", "instruction_id_list": ["punctuation:no_comma"],
-         "kwargs": [{}]},
-        {"key": 2, "prompt": "Write at least 300 words.", "instruction_id_list": ["length_constraints:number_words"],
-         "kwargs": [{"num_words": 300, "relation": "at least"}]},
-    ]))
-    yield {"root": root, "base": base, "server": server, "evals": evals, "store": get_store()}
-    server.__exit__(None, None, None)
-    mp.undo()
-    settings.cache_clear()
+        pool = [record(w, k) for w in WORDS for k in (1, 2, 3)]
+        get_store().datasets.register("pool", frame([
+            make_example([{"role": "user", "content": r["instruction"]},
+                          {"role": "assistant", "content": r["output"]}])
+            for r in pool]))
+        evals = root / "eval"
+        evals.mkdir()
+        (evals / "reference.json").write_text(json.dumps([record(w, 2) for w in ("apple", "kiwi", "mango", "plum")]))
+        (evals / "ifeval.jsonl").write_text("\n".join(json.dumps(i) for i in [
+            {"key": 1, "prompt": "Say hello without commas.", "instruction_id_list": ["punctuation:no_comma"],
+             "kwargs": [{}]},
+            {"key": 2, "prompt": "Write at least 300 words.",
+             "instruction_id_list": ["length_constraints:number_words"],
+             "kwargs": [{"num_words": 300, "relation": "at least"}]},
+        ]))
+        yield {"root": root, "base": base, "server": server, "evals": evals, "store": get_store()}
 
 
 def params(env):
@@ -195,10 +189,11 @@ def test_a_method_that_selects_nothing_gets_an_empty_row(env, first):
     from sft_select.flows.compare import MethodRun, compare
 
     p = params(env).model_copy(update={"methods": [MethodRun(method="alpagasus", params={"judge": "openai:judge-mute"},
-                                                             label="mute judge")]})
+                                                             label="mute judge")], "full_data": False})
     models = {k for k in snapshot(env) if "finetuned" in k}
     result = compare(p)
     rows = {r.method: r for r in result.rows}
+    assert set(rows) == {"random", "longest", "mute judge", "base (not fine-tuned)"}  # no full-data row
     assert rows["mute judge"].selected == 0 and rows["mute judge"].metrics == {}
     assert result.rows[-1].method == "mute judge"  # no value: ranked last
     assert {k for k in snapshot(env) if "finetuned" in k} == models  # the baselines' models were reused

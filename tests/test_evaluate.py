@@ -13,7 +13,7 @@ import pytest
 
 from openai_server import OpenAIServer, last_user
 from sft_select.settings import settings
-from tiny_lm import WORDS, build_tiny_llama, repeat_examples, repeat_word
+from tiny_lm import WORDS, repeat_examples, repeat_word, tiny_home
 
 pytestmark = pytest.mark.slow
 
@@ -24,20 +24,14 @@ REFERENCE = WORDS[:4]  # answers of the task the model was tuned on
 def env(tmp_path_factory):
     """One store and model cache for the module, a tiny base and a LoRA model fine-tuned on the toy task."""
     root = tmp_path_factory.mktemp("evaluate")
-    base = build_tiny_llama(root / "tiny")  # before moving the model cache: it uses SmolLM2's tokenizer
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SFT_SELECT_HOME", str(root / "home"))
-    mp.setenv("SFT_SELECT_MODEL_CACHE", str(root / "models"))
-    settings.cache_clear()
-    from sft_select.tasks.finetune import Recipe, finetune
+    with tiny_home(root) as (base, _):
+        from sft_select.tasks.finetune import Recipe, finetune
 
-    ref = finetune(repeat_examples(), base, Recipe(max_steps=30, batch_size=4, lr=2e-2, warmup_ratio=0.0,
-                                                   save_steps=100))
-    reference = root / "reference.json"
-    reference.write_text(json.dumps([repeat_word(w) for w in REFERENCE]))
-    yield {"root": root, "base": base, "ref": ref, "reference": reference}
-    mp.undo()
-    settings.cache_clear()
+        ref = finetune(repeat_examples(), base, Recipe(max_steps=30, batch_size=4, lr=2e-2, warmup_ratio=0.0,
+                                                       save_steps=100))
+        reference = root / "reference.json"
+        reference.write_text(json.dumps([repeat_word(w) for w in REFERENCE]))
+        yield {"root": root, "base": base, "ref": ref, "reference": reference}
 
 
 def test_reference_loss_is_lower_after_finetuning_and_written_to_the_catalog(env):
@@ -141,6 +135,25 @@ def test_pairwise_unparseable_verdicts_are_errors_not_defaults(env, judge_server
     judge_server(lambda request: "Both are fine.")
     result = evaluate(env["ref"], PairwiseJudge(path=env["reference"], max_new_tokens=5, judge="openai:judge"))
     assert result.metrics["judge_errors"] == len(REFERENCE) and math.isnan(result.metrics["win_rate"])
+
+
+def test_an_evaluation_that_died_after_its_judge_calls_pays_for_none_again(env, judge_server):
+    from sft_select.tasks.evaluate import PairwiseJudge, _results_dir, evaluate
+    from sft_select.tasks.core import get_store
+    from sft_select.tasks.llm import chat_signal
+
+    suite = PairwiseJudge(path=env["reference"], max_new_tokens=4, judge="openai:judge")
+    first = judge_server(lambda request: "Winner: B")
+    done = evaluate(env["ref"], suite)
+    assert first.completions == 2 * len(REFERENCE)
+    for f in (_results_dir() / f"{done.result_key}.json", _results_dir() / done.details):
+        f.unlink()  # as if the process died after the judge's last batch, before writing the result
+
+    second = judge_server(lambda request: "Winner: A")  # another verdict, were it asked
+    again = evaluate(env["ref"], suite)
+    assert second.completions == 0 and not again.reused and again.metrics == done.metrics
+    answers = get_store().signals.read(chat_signal(f"finetuned:{env['ref'].key}", temperature=0.0, max_tokens=4))
+    assert answers.height == len(REFERENCE) and answers["error"].null_count() == len(REFERENCE)
 
 
 def test_mt_bench_grades_both_turns_with_references_for_math(env, judge_server, tmp_path):

@@ -81,8 +81,10 @@ def test_lora_finetune_lowers_loss_writes_adapter_that_loads_and_is_cached(tiny_
     from sft_select.tasks.finetune import Recipe, finetune, load_finetuned
 
     recipe = Recipe(max_steps=24, batch_size=4, lr=2e-2, warmup_ratio=0.0, logging_steps=4, save_steps=100)
-    ref = finetune(examples(), tiny_base, recipe)
+    seen: list[tuple[int, int]] = []
+    ref = finetune(examples(), tiny_base, recipe, progress=lambda step, total: seen.append((step, total)))
     assert ref.steps == 24 and ref.resumed_from_step is None and ref.template == "chat" and not ref.full
+    assert seen == [(s, 24) for s in range(4, 25, 4)]  # progress at every logging step
     assert ref.loss_last < ref.loss_first - 0.1, ref.loss_history
     folder = Path(ref.path)
     assert folder.parent == model_cache / "finetuned"

@@ -3,8 +3,13 @@ a toy instruction set it can learn in a few steps (tests of fine-tuning and eval
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
+from sft_select.settings import settings
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
 
@@ -39,3 +44,22 @@ def repeat_examples(words: list[str] = WORDS):
     """Canonical examples of the toy task."""
     return frame([make_example([{"role": "user", "content": r["instruction"]},
                                 {"role": "assistant", "content": r["output"]}]) for r in map(repeat_word, words)])
+
+
+@contextmanager
+def tiny_home(root: Path, **env: str) -> Iterator[tuple[str, pytest.MonkeyPatch]]:
+    """For a module-scoped fixture: a tiny base model under ``root/tiny``, then a store and a model
+    cache of their own under ``root`` (and any other environment variables given), undone on exit.
+    Yields the base model's folder and the patch (for more variables)."""
+    base = build_tiny_llama(root / "tiny")  # before moving the model cache: it uses SmolLM2's tokenizer
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SFT_SELECT_HOME", str(root / "home"))
+    mp.setenv("SFT_SELECT_MODEL_CACHE", str(root / "models"))
+    for k, v in env.items():
+        mp.setenv(k, v)
+    settings.cache_clear()
+    try:
+        yield base, mp
+    finally:
+        mp.undo()
+        settings.cache_clear()
