@@ -144,6 +144,9 @@ class LeaderboardRow(BaseModel):
     train_steps: int | None = None
     train_loss: float | None = None
     evaluated: int = Field(0, description="suites computed in this run (the others were reused)")
+    train_s: float | None = Field(None, description="wall seconds of the fine-tuning run that finished the model "
+                                                    "(a resumed run counts from its restart)")
+    eval_s: float | None = Field(None, description="wall seconds of all suites when they ran (None: not recorded)")
     details: list[str] = Field(default_factory=list, description="per-item details of each suite, files under "
                                                                  "<SFT_SELECT_HOME>/evaluations/")
 
@@ -289,17 +292,20 @@ def leaderboard_row(name: str, kind: str, selection_id: str | None, selected: in
                     model: FinetunedRef | str, suites: list[Suite], trained: bool | None = None) -> LeaderboardRow:
     """Evaluate ``model`` with every suite (each result reused when it exists)."""
     metrics: dict[str, float] = {}
-    evaluated, details = 0, []
+    evaluated, details, seconds = 0, [], []
     for suite in suites:
         run = evaluate_task.with_options(task_run_name=f"evaluate[{name}: {suite.suite}]")
         ref = run(model, suite, selection_id)
         evaluated += not ref.reused
         metrics.update({f"{suite_name(suite, suites)}.{k}": v for k, v in ref.metrics.items()})
         details.append(ref.details)
+        seconds.append(ref.seconds)
     tuned = model if isinstance(model, FinetunedRef) else None
     return LeaderboardRow(method=name, kind=kind, selection_id=selection_id, selected=selected, model=model_id(model),
                           metrics=metrics, trained=trained, train_steps=tuned and tuned.steps,
-                          train_loss=tuned and tuned.train_loss, evaluated=evaluated, details=details)
+                          train_loss=tuned and tuned.train_loss, evaluated=evaluated, details=details,
+                          train_s=tuned and tuned.runtime_s,
+                          eval_s=None if None in seconds else round(sum(seconds), 2))
 
 
 def paired_difference(ours: pl.DataFrame, theirs: pl.DataFrame, suite: str) -> tuple[float, float, int]:
@@ -355,6 +361,7 @@ def table_rows(rows: list[LeaderboardRow], suites: list[Suite]) -> list[dict[str
             row[f"{column} vs random (95%)"] = None if d is None else f"{_round(d[0]):+} ± {_round(d[1])} (n={d[2]})"
         row.update({"fine-tune": {True: "trained", False: "reused", None: None}[r.trained],
                     "train steps": r.train_steps, "train loss": _round(r.train_loss),
+                    "train s": r.train_s, "eval s": r.eval_s,
                     "selection": r.selection_id, "model": r.model or None})
         out.append(row)
     return out

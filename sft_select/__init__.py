@@ -2,7 +2,7 @@
 
 The code lives in three top-level folders, installed as subpackages of ``sft_select``:
 ``storage/`` (``sft_select.storage``), ``tasks/`` (``sft_select.tasks``) and ``flows/``
-(``sft_select.flows``). See README.md and docs/architecture.md.
+(``sft_select.flows``). See "How it works" in README.md.
 
 Importing the package points Prefect at a folder under ``SFT_SELECT_HOME`` (unless ``PREFECT_HOME``
 is set) and switches off what fails offline, before Prefect itself is imported.

@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -129,6 +130,7 @@ class EvaluationRef(BaseModel):
     n: int
     details: str = Field(description="file of per-item details, under <SFT_SELECT_HOME>/evaluations/")
     reused: bool = False
+    seconds: float | None = Field(None, description="wall time of the evaluation when it was computed")
 
 
 # -- identities and the store ------------------------------------------------------------------------
@@ -428,17 +430,18 @@ def evaluate(model: Model, suite: Suite, selection_id: str | None = None) -> Eva
     reused = metrics_file.exists() and details_file.exists()
     if reused:
         stored = json.loads(metrics_file.read_text())
-        metrics, n = stored["metrics"], stored["n"]
+        metrics, n, seconds = stored["metrics"], stored["n"], stored.get("seconds")
     else:
+        began = time.perf_counter()
         metrics, details = RUNNERS[suite.suite](model, suite)
-        n = details.height
+        n, seconds = details.height, round(time.perf_counter() - began, 2)
         atomic_parquet(details, details_file)
         tmp = metrics_file.with_name(f".tmp-{metrics_file.name}")
-        tmp.write_text(json.dumps({"metrics": metrics, "n": n}, allow_nan=True))
+        tmp.write_text(json.dumps({"metrics": metrics, "n": n, "seconds": seconds}, allow_nan=True))
         tmp.replace(metrics_file)  # written last: its presence means the result is complete
     ref = EvaluationRef(evaluation_id=evaluation_id(model, suite, selection_id), result_key=key, suite=suite.suite,
                         model=model_id(model), selection_id=selection_id, metrics=metrics, n=n,
-                        details=details_file.name, reused=reused)
+                        details=details_file.name, reused=reused, seconds=seconds)
     _record(ref, {**suite.model_dump(mode="json"), "result_key": key})
     log.info("%s on %s: %s", suite.suite, ref.model, {k: round(v, 4) for k, v in metrics.items()})
     return ref

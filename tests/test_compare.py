@@ -110,6 +110,7 @@ def test_compare_ranks_every_method_and_the_baselines(env, first):
 
     tuned = [r for r in first.rows if r.kind != "reference"]
     assert all(r.trained and r.train_steps == 3 and r.evaluated == 2 for r in tuned)
+    assert all(r.train_s > 0 and r.eval_s > 0 for r in tuned)  # the cost of each stage
     assert len({r.model for r in tuned}) == 4  # four different training sets, four models
     assert len(list((env["root"] / "models" / "finetuned").glob("*/finetune.json"))) == 4
     for r in first.rows:

@@ -53,6 +53,7 @@ def test_reference_loss_is_lower_after_finetuning_and_written_to_the_catalog(env
 
     again = evaluate(env["ref"], suite, selection_id="sel-b")  # same model and suite: reused, new rows
     assert again.reused and again.metrics == tuned.metrics and again.evaluation_id != tuned.evaluation_id
+    assert tuned.seconds > 0 and again.seconds == tuned.seconds  # the cost of computing it, kept with the result
     assert evaluations("sel-b").height == 2
     limited = evaluate(env["ref"], ReferenceLoss(path=env["reference"], limit=2))
     assert limited.n == 2 and not limited.reused
