@@ -80,7 +80,8 @@ class _Suite(BaseModel):
 
 class _Generating(_Suite):
     max_new_tokens: int = Field(512, ge=1, description="greedy generation length")
-    batch_size: int = Field(8, ge=1, description="prompts generated together")
+    batch_size: int = Field(32, ge=1, description="prompts generated together (decoding a small model on a CPU is "
+                                                  "bound by reading the weights: larger batches amortise it)")
 
 
 class ReferenceLoss(_Suite):
@@ -204,10 +205,10 @@ def evaluations(selection_id: str | None = None) -> pl.DataFrame:
 
 def generate(model: Model, conversations: list[list[dict[str, str]]], *, max_new_tokens: int,
              batch_size: int) -> list[ChatResult]:
-    """Greedy answers of ``model`` through the local chat backend, stored as they are made
-    (:func:`stored_chat`, in groups of four generation batches)."""
+    """Greedy answers of ``model`` through the local chat backend, each generation batch stored as
+    it completes (:func:`stored_chat`)."""
     return stored_chat(LocalChat(model_path(model), batch_size=batch_size), conversations,
-                       max_tokens=max_new_tokens, model=model_id(model), batch_size=4 * batch_size)
+                       max_tokens=max_new_tokens, model=model_id(model), batch_size=batch_size)
 
 
 PAIRWISE_SYSTEM = ("You are an impartial evaluator of AI assistants. You compare two responses to one "
