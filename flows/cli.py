@@ -176,6 +176,7 @@ def compare(
                                                                  "values; repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every method that samples.")] = 0,
     full_data: Annotated[bool, typer.Option(help="Add the full-data baseline (fine-tune on the whole pool).")] = True,
+    base_row: Annotated[bool, typer.Option(help="Also evaluate the base model without fine-tuning.")] = True,
 ) -> None:
     """Select with every method at one budget, fine-tune the same base on each selection, evaluate,
     and print the leaderboard (artifacts in Prefect, files under SFT_SELECT_HOME/reports)."""
@@ -196,7 +197,7 @@ def compare(
         if stray:
             raise ValueError(f"--set {stray}: use METHOD.KEY=VALUE for a method in --methods")
         params = CompareParams(
-            dataset=dataset, budget=budget, methods=runs, base=base, seed=seed, full_data=full_data,
+            dataset=dataset, budget=budget, methods=runs, base=base, seed=seed, full_data=full_data, base_row=base_row,
             recipe=Recipe(**SHORT_RECIPE.model_dump() | _assignments(recipe)),
             suites=[suite_from_name(s.strip(), limit=limit, judge=judge, max_new_tokens=max_new_tokens)
                     for s in suites.split(",") if s.strip()],

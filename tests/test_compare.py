@@ -173,14 +173,14 @@ def test_cli_compare_runs_the_same_comparison_from_the_cache(env, first):
     args = ["compare", "--dataset", "pool", "--budget", str(BUDGET), "--methods", "alpagasus",
             "--judge", "openai:judge-compare", "--base", env["base"], "--eval-dir", str(env["evals"]),
             "--suites", f"refloss={env['evals'] / 'reference.json'},ifeval={env['evals'] / 'ifeval.jsonl'}",
-            "--max-new-tokens", "4"]
+            "--max-new-tokens", "4", "--no-base-row"]
     args += [a for k, v in RECIPE.items() for a in ("--recipe", f"{k}={v}")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "leaderboard: " in result.output and env["server"].requests == requests
     assert snapshot(env) == before  # the same comparison: nothing trained, nothing evaluated
     csv = pl.read_csv(result.output.split("leaderboard: ")[1].split()[0])
-    assert csv.height == 5 and set(csv["fine-tune"].drop_nulls()) == {"reused"}
+    assert csv.height == 4 and set(csv["fine-tune"].drop_nulls()) == {"reused"}  # no base-model row
 
     bad = CliRunner().invoke(app, ["compare", "--dataset", "pool", "--suites", "refloss"])
     assert bad.exit_code == 2 and "set eval_dir" in bad.output
