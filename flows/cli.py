@@ -18,7 +18,7 @@ def _print(df: pl.DataFrame, empty: str) -> None:
     if df.height == 0:
         typer.echo(empty)
         return
-    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=True,
+    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=250, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True):
         typer.echo(df)
 
@@ -81,7 +81,7 @@ def signals() -> None:
         "SELECT s.signal_id, s.model, s.calls, s.prompt_tokens + s.completion_tokens AS tokens, "
         "round(s.seconds, 1) AS seconds, round(s.cost_usd, 4) AS cost_usd, "
         "coalesce(sum(p.rows), 0) AS rows, coalesce(sum(p.errors), 0) AS errors "
-        "FROM signals s LEFT JOIN signal_parts p USING (signal_id) GROUP BY ALL ORDER BY s.created_at")
+        "FROM signals s LEFT JOIN signal_parts p USING (signal_id) GROUP BY ALL ORDER BY min(s.created_at)")
     _print(df, "No signals computed yet.")
 
 

@@ -89,6 +89,11 @@ def test_signal_task_is_cached_on_content_and_retries_failed_examples(pool, stor
     values = store.signals.values(sig, ref.read(["uid"])["uid"])
     assert values["out_len"].null_count() == 0
 
+    listed = CliRunner().invoke(app, ["signals"])  # what each signal cost: rows and errors of every attempt
+    assert listed.exit_code == 0, listed.output
+    row = next(line for line in listed.output.splitlines() if sig.id in line)
+    assert [int(x) for x in row.replace("│", " ").replace("┆", " ").split()[-2:]] == [43, 3]
+
 
 def test_cli_ingest_run_export_and_clear_errors(pool, store, tmp_path):
     runner = CliRunner()
