@@ -12,9 +12,10 @@ on S_pi(m) and measure it. For one pool D and one budget m:
 Baselines, always in the comparison: random at m, the m longest responses (Zhao et al. 2024) and
 (unless ``full_data`` is off) full data, the whole pool (no selection flow runs for it; its
 evaluation rows carry the pseudo selection id ``full-<dataset fingerprint>``). The base model
-without fine-tuning is evaluated too, as a reference row (``base_row``). Large studies (Xia et al. 2024; Ivison et al. 2025) found that
-few methods beat random at scale, so every row also shows its paired difference to random on
-the same evaluation items, with a 95% interval: ``mean_i(q_i - r_i) +/- 1.96 * sd / sqrt(n)``.
+without fine-tuning is evaluated too, as a reference row (``base_row``). Large studies (Xia et al.
+2024; Ivison et al. 2025) found that few methods beat random at scale, so every row also shows its
+paired difference to random on the same evaluation items, with a 95% interval:
+``mean_i(q_i - r_i) +/- 1.96 * sd / sqrt(n)``.
 
 Choices of this flow (not from a paper):
 - One budget for everyone: a method's own threshold (a parameter named ``threshold``, e.g.

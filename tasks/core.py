@@ -125,6 +125,12 @@ def _signal_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
     return f"signal-{signal.id}-{parameters['dataset'].fingerprint}-{home}"
 
 
+def progress_artifact(description: str) -> Callable[[int, int], None]:
+    """A Prefect progress artifact for the current run, and ``update(done, total)`` for it."""
+    artifact = create_progress_artifact(0.0, description=description)
+    return lambda done, total: update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+
+
 def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: int = 32, max_attempts: int = 3,
                 order_by: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
                 retry_delay_seconds: list[float] | None = None):
@@ -138,10 +144,10 @@ def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: in
           persist_result=True, result_serializer="json", retries=max_attempts - 1,
           retry_delay_seconds=retry_delay_seconds or [2, 8, 30][: max_attempts - 1])
     def run(signal: Signal, dataset: DatasetRef, batch_size: int = batch_size) -> SignalRef:
-        artifact = create_progress_artifact(0.0, description=f"{signal.id} on {dataset.name}@{dataset.version}")
+        bar = progress_artifact(f"{signal.id} on {dataset.name}@{dataset.version}")
 
         def progress(done: int, total: int) -> None:
-            update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+            bar(done, total)
             log.info("%s: %d/%d computed", signal.id, done, total)
 
         return fill_signal(signal, dataset, build, batch_size=batch_size, max_attempts=max_attempts,

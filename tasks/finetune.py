@@ -39,7 +39,6 @@ from typing import Any, Literal
 import polars as pl
 from filelock import FileLock
 from prefect import task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -47,6 +46,7 @@ from sft_select.settings import settings
 from sft_select.storage import fingerprint
 from sft_select.tasks.backends.lm import ALPACA_PREAMBLE, ALPACA_RESPONSE
 from sft_select.tasks.backends.models import causal_lm_path, finetuned_dir, load_causal_lm
+from sft_select.tasks.core import progress_artifact
 
 log = logging.getLogger("sft_select")
 
@@ -411,6 +411,5 @@ def finetune_task(examples: pl.DataFrame, base: str = "smollm2-135m-instruct",
                   recipe: Recipe | None = None) -> FinetunedRef:
     """Prefect task: :func:`finetune`, with a progress artifact. A retry (or a re-run after a kill)
     resumes from the last checkpoint."""
-    artifact = create_progress_artifact(0.0, description=f"fine-tuning {base} on {examples.height} examples")
     return finetune(examples, base, recipe,
-                    progress=lambda step, total: update_progress_artifact(artifact, 100.0 * step / max(total, 1)))
+                    progress=progress_artifact(f"fine-tuning {base} on {examples.height} examples"))
