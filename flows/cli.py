@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -23,9 +24,36 @@ def _print(df: pl.DataFrame, empty: str) -> None:
         typer.echo(df)
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception, code: int = 2) -> None:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _run_failures() -> tuple[type[Exception], ...]:
+    """Why a run stops short (exit 1): the service failed, examples are still failing after their
+    retries, or a selection fell short of its budget because examples failed."""
+    from sft_select.flows.common import IncompleteSelection
+    from sft_select.storage import FillAborted
+    from sft_select.tasks.core import SignalIncomplete
+
+    return FillAborted, SignalIncomplete, IncompleteSelection
+
+
+class _NoTracebackForRunFailures(logging.Filter):
+    """Prefect logs a failed flow's or task's exception with its traceback; for the failures the
+    CLI reports in one line, the message is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], _run_failures()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_run_failures() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForRunFailures) for f in logger.filters):
+            logger.addFilter(_NoTracebackForRunFailures())
 
 
 def _assignments(items: list[str] | None) -> dict[str, object]:
@@ -75,9 +103,34 @@ def datasets() -> None:
 
 
 @app.command()
-def signals() -> None:
-    """List computed signals with their cost."""
-    df = _store().catalog.query(
+def signals(
+    retry: Annotated[str | None, typer.Option(help="Ask again for the failed examples of this signal (id or a "
+                                                   "prefix): their errors stop counting as attempts.")] = None,
+    final: Annotated[bool, typer.Option(help="With --retry: also the errors marked final (e.g. unparseable "
+                                             "greedy answers).")] = False,
+    reparse: Annotated[str | None, typer.Option(help="Parse the stored raw answers of this LLM signal again with "
+                                                     "its prompt's newest parser (no model call).")] = None,
+) -> None:
+    """List computed signals with their cost and errors; --retry and --reparse act on one."""
+    store = _store()
+    try:
+        if retry is not None:
+            signal = store.signals.get(retry)
+            reset = store.signals.reset(signal, final=final)
+            typer.echo(f"{signal.id}: {len(reset)} failed examples will be asked again by the next run")
+            return
+        if reparse is not None:
+            from sft_select.flows.registry import METHODS, load_flow
+            from sft_select.tasks.llm import reparse_newest
+
+            for method in METHODS:  # every prompt registers itself when its module is imported
+                load_flow(method)
+            source, target = reparse_newest(store.signals.get(reparse))
+            typer.echo(f"{source.id}: raw answers parsed again into {target.id}")
+            return
+    except (KeyError, ValueError) as e:
+        _fail(e)
+    df = store.catalog.query(
         "SELECT s.signal_id, s.model, s.calls, s.prompt_tokens + s.completion_tokens AS tokens, "
         "round(s.seconds, 1) AS seconds, round(s.cost_usd, 4) AS cost_usd, "
         "coalesce(sum(p.rows), 0) AS rows, coalesce(sum(p.errors), 0) AS errors "
@@ -127,6 +180,7 @@ def run(
     from sft_select.flows.registry import load_flow, params_model
 
     try:
+        _quiet_run_failures()
         flow = load_flow(method)
         values: dict = {"dataset": dataset, "budget": budget}
         model = params_model(flow)
@@ -138,6 +192,8 @@ def run(
         ref = flow(model(**values))
     except (KeyError, ValueError) as e:
         _fail(e)
+    except _run_failures() as e:
+        _fail(e, 1)
     typer.echo(f"{ref.method}: {ref.rows} examples -> selection {ref.selection_id}, training file {ref.export_path}")
 
 
@@ -150,9 +206,12 @@ def demo(
     from sft_select.flows.demo import demo as demo_flow
 
     try:
+        _quiet_run_failures()
         demo_flow(str(path) if path else None, budget)
     except (KeyError, ValueError) as e:
         _fail(e)
+    except _run_failures() as e:
+        _fail(e, 1)
 
 
 @app.command()
@@ -202,9 +261,12 @@ def compare(
             suites=[suite_from_name(s.strip(), limit=limit, judge=judge, max_new_tokens=max_new_tokens)
                     for s in suites.split(",") if s.strip()],
             eval_dir=str(eval_dir.expanduser().resolve()) if eval_dir else None)
+        _quiet_run_failures()
         result = compare_flow(params)
     except (KeyError, ValueError, FileNotFoundError) as e:
         _fail(e)
+    except _run_failures() as e:
+        _fail(e, 1)
     typer.echo(f"leaderboard: {result.csv}\nreport: {result.report}")
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from sft_select.storage import write_examples
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store
 from sft_select.tasks.report import cost_table, publish_markdown, publish_table, stats, stats_rows
+from sft_select.tasks.select import resolve_budget
 
 EXPORT_SUFFIX = {"alpaca": ".json", "sharegpt": ".json", "messages": ".jsonl", "parquet": ".parquet"}
 
@@ -33,6 +34,13 @@ class MethodParams(BaseModel):
         "alpaca", description="Training-file format: alpaca / sharegpt (LLaMA-Factory, Axolotl), "
                               "messages (TRL), parquet.")
     seed: int = Field(0, description="Random seed, for methods that sample.")
+    allow_partial: bool = Field(
+        False, description="Accept a selection that falls short of its budget because examples failed (they "
+                           "have no value); otherwise such a run saves it and then fails, saying how many failed.")
+
+
+class IncompleteSelection(RuntimeError):
+    """A selection fell short of its budget because examples failed, not because of the method's rule."""
 
 
 class SelectionRef(BaseModel):
@@ -47,6 +55,16 @@ class SelectionRef(BaseModel):
 
 def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
+
+
+def _failed(store, signals: Sequence[SignalRef], uids: pl.Series) -> int:
+    """How many of ``uids`` have an error and no value in at least one of the signals."""
+    failed: set[str] = set()
+    for ref in signals:
+        if ref.errors:
+            rows = store.signals.read(store.signals.get(ref.signal_id), uids)
+            failed.update(rows.filter(pl.col("error").is_not_null())["uid"])
+    return len(failed)
 
 
 @task(name="finish-selection", cache_policy=NO_CACHE)
@@ -84,5 +102,12 @@ def finish(method: str, params: MethodParams, dataset: DatasetRef, selection: pl
         *[f"| {i + 1} | `{r['uid'][:12]}` | {r['score']} | {r['reason']} |" for i, r in enumerate(head.to_dicts())],
     ]
     publish_markdown(_key(method, "summary"), "\n".join(md), f"{method} selection summary")
+    failed = _failed(store, signals, pool["uid"])
+    m = resolve_budget(params.budget, dataset.rows) if params.budget is not None else None
+    if m is not None and selection.height < m and failed and not params.allow_partial:
+        raise IncompleteSelection(
+            f"{method} selected {selection.height} of its budget of {m} while {failed} examples of the pool have "
+            f"no value because they failed (selection {selection_id} was saved); `sft-select signals` shows the "
+            "errors, `sft-select signals --retry SIGNAL` asks again, or pass allow_partial to accept it")
     return SelectionRef(selection_id=selection_id, method=method, dataset=f"{dataset.name}@{dataset.version}",
                         rows=selection.height, export_path=str(Path(path)))

@@ -39,6 +39,7 @@ class Settings(BaseModel):
     llm_backend: str
     local_llm: str
     openai_base_url: str | None
+    openai_endpoint: str | None
     openai_api_key: SecretStr | None
     openai_model: str
     openai_max_concurrency: int
@@ -64,6 +65,7 @@ def settings() -> Settings:
         llm_backend=_env("SFT_SELECT_LLM", "local"),
         local_llm=_env("SFT_SELECT_LOCAL_LLM", "smollm2-135m-instruct"),
         openai_base_url=_env("OPENAI_BASE_URL"),
+        openai_endpoint=_env("SFT_SELECT_OPENAI_ENDPOINT"),
         openai_api_key=SecretStr(key) if key else None,
         openai_model=_env("SFT_SELECT_OPENAI_MODEL", "gpt-4o-mini"),
         openai_max_concurrency=int(_env("SFT_SELECT_OPENAI_CONCURRENCY", "16")),

@@ -12,6 +12,12 @@ it computes only what is missing (an anti-join), one batch at a time, each batch
 the next starts, so a killed run loses at most the batch in flight. A failure for one example is a
 row with its error text, never a dropped row or a default value; it is retried on later runs up to
 ``max_attempts``, unless it is marked ``final`` (asking again cannot change it).
+
+A failure of the *service* (a dead server, a wrong key) is no example's fault: the compute function
+leaves those rows out (``None`` outcomes) and sets :attr:`BatchResult.abort`; the fill writes what
+the batch did get and raises :class:`FillAborted`, and no example's attempts are spent. Two runs
+filling one signal at once lease their batches (:mod:`.leases`), so no example is paid for twice.
+:meth:`SignalStore.reset` makes failed rows count as untried again (``sft-select signals --retry``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .catalog import Catalog
+from .leases import Leases
 
 Kind = Literal["float", "vector", "tags", "json", "text"]
 VALUE_DTYPES: dict[str, pl.DataType] = {
@@ -88,10 +95,14 @@ class Outcome:
 @dataclass
 class BatchResult:
     """What a compute function returns for one batch: outcomes aligned with the batch's rows, and
-    what the batch cost (``calls``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``)."""
+    what the batch cost (``calls``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``).
 
-    outcomes: list[Outcome]
+    ``abort``: why the fill must stop after this batch (the service failed, not the examples); the
+    rows whose outcome is ``None`` were not answered and are not stored, so they cost no attempt."""
+
+    outcomes: list[Outcome | None]
     usage: dict[str, float] = field(default_factory=dict)
+    abort: str | None = None
 
     @classmethod
     def of(cls, values: Iterable[Any], **usage: float) -> BatchResult:
@@ -100,7 +111,8 @@ class BatchResult:
 
 @dataclass
 class FillReport:
-    """What :meth:`SignalStore.fill` did: how many values were asked for, reused and computed."""
+    """What :meth:`SignalStore.fill` did in this call: how many values were asked for, found
+    stored, computed here (``errors`` of them failed), and computed meanwhile by another run."""
 
     signal_id: str
     requested: int
@@ -108,7 +120,17 @@ class FillReport:
     computed: int = 0
     errors: int = 0
     batches: int = 0
+    by_others: int = 0
     usage: dict[str, float] = field(default_factory=dict)
+
+
+class FillAborted(RuntimeError):
+    """The compute function's service failed (see :attr:`BatchResult.abort`); every batch before,
+    and what this one got, is on disk. ``report`` says what the fill did until then."""
+
+    def __init__(self, message: str, report: FillReport):
+        super().__init__(message)
+        self.report = report
 
 
 Compute = Callable[[pl.DataFrame], BatchResult]
@@ -118,6 +140,18 @@ class SignalStore:
     def __init__(self, root: str | Path, catalog: Catalog):
         self.root = Path(root)
         self.catalog = catalog
+
+    def get(self, signal_id: str) -> Signal:
+        """The signal the catalog knows by ``signal_id`` (or by a prefix naming one signal)."""
+        rows = self.catalog.query("SELECT signal_id, name, params, version, kind FROM signals "
+                                  "WHERE starts_with(signal_id, ?) ORDER BY signal_id", [signal_id])
+        exact = rows.filter(pl.col("signal_id") == signal_id)
+        rows = exact if exact.height else rows
+        if rows.height != 1:
+            known = "no signal" if rows.height == 0 else f"{rows.height} signals ({', '.join(rows['signal_id'])})"
+            raise KeyError(f"{known} match {signal_id!r}; `sft-select signals` lists them")
+        row = rows.row(0, named=True)
+        return Signal(row["name"], json.loads(row["params"]), version=row["version"], kind=row["kind"])
 
     def dir(self, signal: Signal) -> Path:
         return self.root / signal.id
@@ -133,10 +167,29 @@ class SignalStore:
         # Part names sort by creation time; the row order inside is kept, so "last" is the newest.
         return pl.scan_parquet(parts)
 
+    def _resets(self, signal: Signal) -> list[Path]:
+        folder = self.dir(signal) / "resets"
+        return sorted(folder.glob("reset-*.parquet")) if folder.is_dir() else []
+
+    def _rows(self, signal: Signal) -> pl.LazyFrame | None:
+        """Every stored row, less the error rows written before a :meth:`reset` of their uid."""
+        parts, resets = self._parts(signal), self._resets(signal)
+        if not parts or not resets:
+            return self._scan(signal)
+        stamp = pl.col("_path").str.extract(r"(?:part|reset)-(\d{20})", 1).cast(pl.Int64)
+        last_reset = (pl.scan_parquet(resets, include_file_paths="_path")
+                      .group_by("uid").agg(_reset=stamp.max()))
+        return (pl.scan_parquet(parts, include_file_paths="_path")
+                .with_row_index("_order")
+                .join(last_reset, on="uid", how="left")
+                .filter(pl.col("error").is_null() | pl.col("_reset").is_null() | (stamp > pl.col("_reset")))
+                .sort("_order")
+                .drop("_path", "_order", "_reset"))
+
     def status(self, signal: Signal) -> pl.DataFrame:
-        """Per uid: ``ok`` (a value exists), ``attempts`` (rows stored, errors included) and ``final``
-        (an error marked as not worth retrying)."""
-        scan = self._scan(signal)
+        """Per uid: ``ok`` (a value exists), ``attempts`` (rows stored since the last reset, errors
+        included) and ``final`` (an error marked as not worth retrying)."""
+        scan = self._rows(signal)
         if scan is None:
             return pl.DataFrame(schema={"uid": pl.String, "ok": pl.Boolean, "attempts": pl.UInt32,
                                         "final": pl.Boolean})
@@ -151,11 +204,16 @@ class SignalStore:
         done = self.status(signal).filter(pl.col("ok") | pl.col("final") | (pl.col("attempts") >= max_attempts))
         return wanted.join(done, on="uid", how="anti", maintain_order="left")["uid"].to_list()
 
-    def write(self, signal: Signal, uids: Sequence[str], outcomes: Sequence[Outcome],
-              usage: Mapping[str, float] | None = None) -> Path:
-        """Append one immutable part (temp name, fsync, rename), then index it in the catalog."""
+    def write(self, signal: Signal, uids: Sequence[str], outcomes: Sequence[Outcome | None],
+              usage: Mapping[str, float] | None = None) -> Path | None:
+        """Append one immutable part (temp name, fsync, rename), then index it in the catalog.
+        ``None`` outcomes (not answered) are not stored; with none answered, nothing is written."""
         if len(uids) != len(outcomes):
             raise ValueError(f"{signal.id}: {len(outcomes)} outcomes for {len(uids)} uids")
+        kept = [(u, o) for u, o in zip(uids, outcomes) if o is not None]
+        if not kept:
+            return None
+        uids, outcomes = [u for u, _ in kept], [o for _, o in kept]
         folder = self.dir(signal)
         folder.mkdir(parents=True, exist_ok=True)
         df = pl.DataFrame(
@@ -184,6 +242,22 @@ class SignalStore:
         self.catalog.add_part(signal.id, str(final.relative_to(self.root)), df.height,
                               int(df["error"].is_not_null().sum()), dict(usage or {}))
         return final
+
+    def reset(self, signal: Signal, uids: Sequence[str] | None = None, *, final: bool = False) -> list[str]:
+        """Make the failed rows of ``signal`` (of ``uids``, or all) count as never tried, so the next
+        fill asks again: errors that may be retried or have used up their attempts, and with
+        ``final`` also the final ones. Rows with a value are never touched; the error rows stay on
+        disk (a reset is itself an immutable file). Returns the uids reset."""
+        rows = self.read(signal, uids)
+        failed = rows.filter(pl.col("error").is_not_null() & (final | ~pl.col("final")))["uid"].to_list()
+        if failed:
+            folder = self.dir(signal) / "resets"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"reset-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+            tmp = folder / f".tmp-{name}"
+            pl.DataFrame({"uid": failed}, schema={"uid": pl.String}).write_parquet(tmp)
+            tmp.rename(folder / name)
+        return failed
 
     def reconcile(self, signal: Signal) -> int:
         """Index parts that are on disk but not in the catalog (a process killed between the rename
@@ -214,11 +288,13 @@ class SignalStore:
         """Compute ``signal`` for the examples (a frame with a ``uid`` column) that lack it.
 
         ``order_by`` may reorder the missing rows before batching (the loss engine sorts by length
-        to cut padding). ``progress(done, total)`` is called after every durable batch.
+        to cut padding). ``progress(done, total)`` is called after every durable batch. Raises
+        :class:`FillAborted` after storing a batch whose :attr:`BatchResult.abort` is set.
         """
         self.catalog.register_signal(signal.id, signal.name, dict(signal.params), signal.version, signal.kind,
                                      signal.model)
         self.reconcile(signal)
+        seen = set(self._parts(signal))  # before reading status: a part written after it is seen as new
         examples = examples.unique("uid", maintain_order=True)
         todo_uids = self.missing(signal, examples["uid"], max_attempts)
         report = FillReport(signal.id, requested=examples.height, reused=examples.height - len(todo_uids))
@@ -226,25 +302,50 @@ class SignalStore:
                              how="semi", maintain_order="left")
         if order_by is not None and todo.height:
             todo = order_by(todo)
-        for start in range(0, todo.height, batch_size):
-            batch = todo.slice(start, batch_size)
-            began = time.perf_counter()
-            result = compute(batch)
-            usage = {**result.usage, "seconds": result.usage.get("seconds", time.perf_counter() - began)}
-            self.write(signal, batch["uid"].to_list(), result.outcomes, usage)
+        leases, total = Leases(self.dir(signal)), todo.height
+        while todo.height:
+            with leases.locked():
+                # parts another run wrote since we looked: their uids are paid for
+                new = [p for p in self._parts(signal) if p not in seen]
+                seen.update(new)
+                if new:
+                    done = pl.read_parquet(new, columns=["uid"])["uid"].to_list()
+                    report.by_others += int(todo["uid"].is_in(done).sum())
+                    todo = todo.filter(~pl.col("uid").is_in(done))
+                busy = leases.held_by_others()
+                batch = todo.filter(~pl.col("uid").is_in(list(busy))).head(batch_size)
+                lease = leases.take(batch["uid"].to_list()) if batch.height else None
+            if lease is None:
+                if todo.height:  # every missing example is being computed by another run: wait for it
+                    time.sleep(0.5)
+                continue
+            try:
+                began = time.perf_counter()
+                result = compute(batch)
+                usage = {**result.usage, "seconds": result.usage.get("seconds", time.perf_counter() - began)}
+                part = self.write(signal, batch["uid"].to_list(), result.outcomes, usage)
+            finally:
+                leases.release(lease)
+            if part is not None:
+                seen.add(part)
+            todo = todo.filter(~pl.col("uid").is_in(batch["uid"].to_list()))
+            answered = [o for o in result.outcomes if o is not None]
             report.batches += 1
-            report.computed += batch.height
-            report.errors += sum(o.error is not None for o in result.outcomes)
+            report.computed += len(answered)
+            report.errors += sum(o.error is not None for o in answered)
             for k, v in usage.items():
                 report.usage[k] = report.usage.get(k, 0.0) + v
+            if result.abort is not None:
+                raise FillAborted(f"{signal.id}: {result.abort}", report)
             if progress is not None:
-                progress(report.computed, todo.height)
+                progress(report.computed + report.by_others, total)
         return report
 
     def read(self, signal: Signal, uids: Sequence[str] | pl.Series | None = None) -> pl.DataFrame:
         """One row per uid: ``uid, value, raw, error, final, attempts``; the newest value where one exists,
-        else the newest error. With ``uids``, rows for those uids (absent ones are left out)."""
-        scan = self._scan(signal)
+        else the newest error since the uid's last reset. With ``uids``, rows for those uids (absent
+        ones are left out)."""
+        scan = self._rows(signal)
         schema = {"uid": pl.String, "value": VALUE_DTYPES[signal.kind], "raw": pl.String, "error": pl.String,
                   "final": pl.Boolean, "attempts": pl.UInt32}
         if scan is None:

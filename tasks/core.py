@@ -7,16 +7,14 @@ as JSON, and the data stays in the Parquet files the references name.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
 
 import polars as pl
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 from sft_select.settings import settings
@@ -58,7 +56,8 @@ class DatasetRef(BaseModel):
 
 
 class SignalRef(BaseModel):
-    """A signal filled for a dataset: its id and what filling it cost."""
+    """A signal filled for a dataset, and what this fill did: values ``computed`` here (of which
+    ``errors`` failed), found stored (``reused``) and computed meanwhile by another run."""
 
     signal_id: str
     name: str
@@ -67,6 +66,7 @@ class SignalRef(BaseModel):
     computed: int
     reused: int
     errors: int
+    by_others: int = 0
     usage: dict[str, float] = {}
 
 
@@ -89,7 +89,8 @@ def fill_signal(
     """Plain function: compute ``signal`` for the dataset's examples that lack it, batch by batch.
 
     ``build(signal)`` returns the batch function; it is called only when something is missing, so
-    a fully reused signal never loads a model.
+    a fully reused signal never loads a model. A failure of the service (``FillAborted``) is raised
+    as it is: the run stops, and no example was charged an attempt.
     """
     store = get_store()
     examples = dataset.read() if examples is None else examples
@@ -105,24 +106,23 @@ def fill_signal(
                                             max_attempts=max_attempts, order_by=order_by, progress=progress)
     values = store.signals.read(signal, examples["uid"])
     errors = values.filter(pl.col("error").is_not_null())
-    retryable = errors.filter(~pl.col("final") & (pl.col("attempts") < max_attempts)).height
-    log.info("%s: %d reused, %d computed, %d errors", signal.id, report.reused, report.computed, errors.height)
-    if retryable:
-        sample = errors["error"].head(3).to_list()
-        raise SignalIncomplete(f"{signal.id}: {retryable} examples failed and will be retried "
-                               f"(first errors: {sample})")
+    retryable = errors.filter(~pl.col("final") & (pl.col("attempts") < max_attempts))
+    log.info("%s: %d computed in this run (%d failed), %d already stored%s; %d of %d without a value",
+             signal.id, report.computed, report.errors, report.reused,
+             f", {report.by_others} computed meanwhile by another run" if report.by_others else "",
+             errors.height, examples.height)
+    if retryable.height:
+        raise SignalIncomplete(f"{signal.id}: {retryable.height} examples failed and will be retried "
+                               f"(first errors: {retryable['error'].head(3).to_list()})")
     return SignalRef(signal_id=signal.id, name=signal.name, fingerprint=dataset.fingerprint, rows=examples.height,
-                     computed=report.computed, reused=report.reused, errors=errors.height, usage=report.usage)
+                     computed=report.computed, reused=report.reused, errors=errors.height,
+                     by_others=report.by_others, usage=report.usage)
 
 
-def _signal_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """Content (signal id + dataset fingerprint) within this store; no key while the signal's folder
-    is absent (a wiped or different store), so a cached reference never outlives its values."""
-    store, signal = get_store(), parameters["signal"]
-    if not store.signals.dir(signal).is_dir():
-        return None
-    home = hashlib.sha256(str(store.home.resolve()).encode()).hexdigest()[:8]
-    return f"signal-{signal.id}-{parameters['dataset'].fingerprint}-{home}"
+def _retry_incomplete(task, task_run, state) -> bool:
+    """Retry a signal task only for examples that failed and may be asked again; a failure of the
+    service, a missing model or a bug fails at once."""
+    return isinstance(state.data, SignalIncomplete)
 
 
 def progress_artifact(description: str) -> Callable[[int, int], None]:
@@ -136,13 +136,15 @@ def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: in
                 retry_delay_seconds: list[float] | None = None):
     """Make a Prefect task ``(signal, dataset) -> SignalRef`` from a batch-function builder.
 
-    Cache key: the signal id and the dataset fingerprint (content, never a path). The task retries
-    ``max_attempts - 1`` times; each retry computes only the examples still missing or failed.
+    The task is idempotent by construction (it fills what is missing, so a second run pays for
+    nothing), and not cached by Prefect: a cached result would repeat the counts of the run that
+    made it. It retries ``max_attempts - 1`` times when examples failed; each retry computes only
+    those. A failure of the service is not retried.
     """
 
-    @task(name=name, task_run_name=f"{name}[{{signal.name}}]", cache_key_fn=_signal_cache_key,
-          persist_result=True, result_serializer="json", retries=max_attempts - 1,
-          retry_delay_seconds=retry_delay_seconds or [2, 8, 30][: max_attempts - 1])
+    @task(name=name, task_run_name=f"{name}[{{signal.name}}]", cache_policy=NO_CACHE, retries=max_attempts - 1,
+          retry_delay_seconds=retry_delay_seconds or [2, 8, 30][: max_attempts - 1],
+          retry_condition_fn=_retry_incomplete)
     def run(signal: Signal, dataset: DatasetRef, batch_size: int = batch_size) -> SignalRef:
         bar = progress_artifact(f"{signal.id} on {dataset.name}@{dataset.version}")
 

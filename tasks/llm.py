@@ -92,10 +92,13 @@ class Prompt:
         messages = [{"role": "system", "content": self.system.format(**fields)}] if self.system else []
         return messages + [{"role": "user", "content": self.template.format(**fields)}]
 
-    def outcome(self, result: ChatResult) -> Outcome:
-        """A chat result as a stored outcome: the value, or the error with the raw text."""
+    def outcome(self, result: ChatResult) -> Outcome | None:
+        """A chat result as a stored outcome: the value, or the error with the raw text; ``None``
+        when the service failed (the example was not answered and is charged nothing)."""
+        if result.service:
+            return None
         if result.error is not None:
-            return Outcome(error=f"llm: {result.error}")
+            return Outcome(error=f"llm: {result.error}", final=result.final)
         raw = result.text or ""
         if self.top_logprobs:
             raw = json.dumps({"text": raw, "top_logprobs": result.top_logprobs or []}, ensure_ascii=False)
@@ -138,9 +141,15 @@ def llm_batch(prompt: Prompt, llm: LLM) -> Compute:
         results = llm.chat([prompt.render(row) for row in batch.iter_rows(named=True)],
                            temperature=prompt.temperature, max_tokens=prompt.max_tokens,
                            top_logprobs=prompt.top_logprobs)
-        return BatchResult([prompt.outcome(r) for r in results], usage_of(results))
+        return BatchResult([prompt.outcome(r) for r in results], usage_of(results), abort=service_failure(llm, results))
 
     return compute
+
+
+def service_failure(llm: LLM, results: list[ChatResult]) -> str | None:
+    """Why the batch must stop the run (the first error about the service), or ``None``."""
+    reason = next((r.error for r in results if r.service), None)
+    return f"{llm.name}: {reason}" if reason else None
 
 
 def llm_batch_of(signal: Signal) -> Compute:
@@ -178,8 +187,9 @@ def stored_chat(llm: LLM, conversations: list[Conversation], *, max_tokens: int,
     def compute(batch: pl.DataFrame) -> BatchResult:
         results = llm.chat([json.loads(c) for c in batch["conversation"]], temperature=temperature,
                            max_tokens=max_tokens)
-        return BatchResult([Outcome(value=r.text) if r.error is None else Outcome(error=r.error) for r in results],
-                           usage_of(results))
+        return BatchResult([None if r.service else Outcome(value=r.text) if r.error is None
+                            else Outcome(error=r.error, final=r.final) for r in results],
+                           usage_of(results), abort=service_failure(llm, results))
 
     store = get_store()
     # similar lengths together: less padding in a local model's batch, the slowest last
@@ -206,6 +216,20 @@ def reparse(signal: Signal, prompt: Prompt, uids: Iterable[str] | None = None) -
     store.signals.fill(target, stored, lambda batch: BatchResult([prompt.parse_raw(r) for r in batch["raw"]],
                                                                  {"calls": 0.0}), batch_size=10_000)
     return target
+
+
+def reparse_newest(signal: Signal) -> tuple[Signal, Signal]:
+    """:func:`reparse` ``signal`` with the newest parser registered for its prompt (the modules
+    defining prompts must have been imported). Returns the signal and its re-parsed version."""
+    name, version, sha = (signal.params.get(k) for k in ("prompt", "prompt_version", "prompt_sha"))
+    if name is None:
+        raise ValueError(f"{signal.id} is not an LLM judgement: it has no prompt to parse with")
+    newer = sorted((p for (n, v, _), p in PROMPTS.items() if (n, v) == (name, version) and p.sha == sha),
+                   key=lambda p: (len(p.parser_version), p.parser_version))
+    if not newer or newer[-1].parser_version == signal.version:
+        raise ValueError(f"{signal.id}: no parser newer than version {signal.version!r} is defined for prompt "
+                         f"{name!r}; change the parser and bump its parser_version first")
+    return signal, reparse(signal, newer[-1])
 
 
 # -- parsers -----------------------------------------------------------------------------------------
@@ -251,5 +275,5 @@ def parse_expected_score(raw: str) -> float:
 
 
 __all__ = ["PROMPTS", "Prompt", "chat_signal", "conversation_uid", "expected_score", "first_number", "llm_batch",
-           "llm_batch_of", "llm_signal", "parse_expected_score", "prompt_of", "reparse", "score_with_llm",
-           "stored_chat"]
+           "llm_batch_of", "llm_signal", "parse_expected_score", "prompt_of", "reparse", "reparse_newest",
+           "score_with_llm", "service_failure", "stored_chat"]

@@ -5,8 +5,9 @@
         llm = OpenAIChat("judge", base_url=server.url, api_key="sk-test")
 
 Configurable: ``answer(request) -> str`` (or ``{"text": ..., "top_logprobs": [{token: logprob}, ...]}``;
-raising makes that request a 500), fixed ``latency_s``, the first ``fail_429`` requests answered 429
-with ``Retry-After: retry_after``, the next ``fail_500`` answered 500, and ``api_key`` (a request
+raising makes that request a 500, raising :class:`BadRequest` a 400), fixed ``latency_s``, the first
+``fail_429`` requests answered 429 with ``Retry-After: retry_after``, the next ``fail_500`` answered 500
+(``fail_500=-1``: every request, a dead server; assign ``fail_500 = 0`` to mend it), and ``api_key`` (a request
 with another bearer token gets OpenAI's 401, whose message repeats the key it was sent). It counts
 requests, the most in flight at once, and records every ``Authorization`` header it saw.
 """
@@ -21,6 +22,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Answer = Callable[[dict[str, Any]], "str | dict[str, Any]"]
+
+
+class BadRequest(Exception):
+    """Raised by an answer function: that request is answered 400 with this message."""
 
 
 def last_user(request: dict[str, Any]) -> str:
@@ -110,10 +115,12 @@ class OpenAIServer:
             if n <= self.fail_429:
                 headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
                 return 429, _error("Rate limit reached.", "rate_limit_exceeded"), headers
-            if n <= self.fail_429 + self.fail_500:
+            if self.fail_500 < 0 or n <= self.fail_429 + self.fail_500:
                 return 500, _error("The server had an error.", "server_error"), {}
             try:
                 answer = self.answer(request)
+            except BadRequest as e:
+                return 400, _error(str(e), "invalid_request_error"), {}
             except Exception as e:  # the answer function's way to fail one request
                 return 500, _error(f"answer failed: {e}", "server_error"), {}
             with self._lock:

@@ -60,7 +60,7 @@ def test_alpagasus_rates_once_and_reuses_the_ratings(store, server):
 
     signal = llm_signal(PROMPTS["accuracy", "text"], judge_name)
     cost = store.catalog.query("SELECT calls, model FROM signals WHERE signal_id = ?", [signal.id]).row(0)
-    assert cost == (12, judge_name)
+    assert cost == (12, f"{judge_name}@{server.url.removeprefix('http://')}")  # the judge is model and server
     params = store.catalog.query("SELECT params FROM selections WHERE selection_id = ?", [kept.selection_id]).item()
     assert judge_name in params
 

@@ -14,10 +14,10 @@ from contextlib import contextmanager
 
 import polars as pl
 import pytest
-from openai_server import OpenAIServer, last_user
+from openai_server import BadRequest, OpenAIServer, last_user
 
 from sft_select.settings import settings
-from sft_select.storage import Signal, make_example
+from sft_select.storage import FillAborted, Signal, make_example
 from sft_select.storage.examples import frame
 from sft_select.tasks.backends.llm import LocalChat, OpenAIChat, RateLimiter, get_llm, retry_after_s
 from sft_select.tasks.core import DatasetRef, fill_signal
@@ -159,9 +159,9 @@ def test_cost_accounting_from_price():
 
 def test_get_llm_specs(openai_env):
     openai_env("http://127.0.0.1:9/v1")
-    assert get_llm("openai:some-model").name == "openai:some-model"
-    assert get_llm("openai:some-model") is get_llm("openai:some-model")
-    assert get_llm("openai").name == f"openai:{settings().openai_model}"
+    assert get_llm("openai:some-model").name == "openai:some-model@127.0.0.1:9/v1"
+    assert get_llm("openai:some-model") is get_llm("openai:some-model@127.0.0.1:9/v1")
+    assert get_llm("openai").name == f"openai:{settings().openai_model}@127.0.0.1:9/v1"
     assert get_llm("local").name == "local:smollm2-135m-instruct"
     with pytest.raises(ValueError, match="unknown LLM backend"):
         get_llm("vllm:x")
@@ -259,14 +259,20 @@ def test_expected_score_from_openai_logprobs(store, openai_env):
     assert json.loads(values["raw"][0])["text"] == "5"
 
 
-def test_backend_errors_are_error_rows(store, openai_env):
+def test_refused_requests_are_final_error_rows(store, openai_env):
+    """An HTTP 400 (a context overflow, say) is about the example: stored as its final error."""
     prompt = rating_prompt("test_rating_d")
-    with judged(store, openai_env, prompt, lambda r: "5", n=2, api_key="sk-not-the-one-we-send") as (server, _,
-                                                                                                    signal, ref):
-        assert server.requests == 2 and server.completions == 0
-    rows = store.signals.read(signal)
-    assert ref.errors == 2 and rows["raw"].null_count() == 2
-    assert all(e.startswith("llm: HTTP 401") for e in rows["error"])
+
+    def answer(request):
+        if "Question 1?" in last_user(request):
+            raise BadRequest("maximum context length exceeded")
+        return "5"
+
+    with judged(store, openai_env, prompt, answer, n=3) as (server, _, signal, ref):
+        assert server.requests == 3 and server.completions == 2
+    rows = store.signals.read(signal).filter(pl.col("error").is_not_null())
+    assert ref.errors == 1 and rows["final"].to_list() == [True]
+    assert rows["error"][0].startswith("llm: HTTP 400") and "context length" in rows["error"][0]
 
 
 def test_api_key_never_leaks(store, openai_env, prefect_api, caplog, home):
@@ -295,10 +301,11 @@ def test_api_key_never_leaks(store, openai_env, prefect_api, caplog, home):
     with OpenAIServer(api_key="sk-some-other-key") as server:  # its 401 echoes our key back
         openai_env(server.url, key=secret)
         other = llm_signal(rating_prompt("test_rating_secret_2"), "openai:judge-secret")
-        fill_signal(other, data, llm_batch_of, max_attempts=1)
-    assert store.signals.read(other)["error"].str.starts_with("llm: HTTP 401").all()
+        with pytest.raises(FillAborted, match="HTTP 401") as refused:
+            fill_signal(other, data, llm_batch_of, max_attempts=1)
+    assert store.signals.read(other).height == 0  # the key's fault, not the examples'
 
-    texts = [caplog.text, repr(get_llm("openai:judge-secret")), str(get_llm("openai:judge-secret").__dict__)]
+    texts = [caplog.text, str(refused.value), repr(get_llm("openai:judge-secret")), str(get_llm("openai:judge-secret").__dict__)]
     for table in ("datasets", "signals", "signal_parts", "selections", "evaluations"):
         texts.append(store.catalog.query(f"SELECT * FROM {table}").write_csv())
     for part in (store.home / "signals").rglob("*.parquet"):

@@ -10,9 +10,12 @@ Two backends implement it:
   the model's chat template, batched greedy generation with left padding.
 
 ``chat`` never raises for one bad example: a conversation that still fails after the retries comes
-back as a :class:`ChatResult` with ``error`` set. ``LLM.name`` ("openai:gpt-4o-mini",
-"local:smollm2-135m-instruct") is the backend's identity in signal parameters, and
-``get_llm(name)`` builds the same backend again from it.
+back as a :class:`ChatResult` with ``error`` set. An error about the *service* rather than the
+example (a refused key, an unknown model, a server that cannot be reached, a run of consecutive
+failures: the circuit breaker) comes back with ``service`` set, and the rest of the batch is
+abandoned at once, so that the caller stops the run instead of charging examples for it.
+``LLM.name`` ("openai:gpt-4o-mini@api.openai.com/v1", "local:smollm2-135m-instruct") is the
+backend's identity in signal parameters, and ``get_llm(name)`` builds the same backend again from it.
 
 The API key is held as a ``SecretStr``, handed only to the HTTP client, and scrubbed from every
 error text; it never appears in a repr, a log line, a result or the catalog.
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
@@ -50,10 +54,14 @@ class ChatResult:
     ``top_logprobs`` (when asked for and the backend has them): one dict per generated position,
     token text -> log-probability, for the ``top_logprobs`` most likely tokens at that position.
     ``calls``/``retries``: requests that completed / attempts repeated after a transient failure.
+    ``service``: the error is about the service (key, endpoint, outage), not this conversation;
+    ``final``: the error is about this conversation and asking again cannot change it (HTTP 400).
     """
 
     text: str | None = None
     error: str | None = None
+    service: bool = False
+    final: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
     top_logprobs: list[dict[str, float]] | None = None
@@ -170,6 +178,48 @@ def retry_after_s(headers: Any) -> float | None:
             return None
 
 
+class Breaker:
+    """The circuit breaker of one batch: it trips on the first error about the service (HTTP 401,
+    403, 404, an exhausted quota, a server that refuses connections, rate limits that outlast the
+    retries) or after ``threshold`` consecutive failed attempts (5xx, timeouts) with no success in
+    between, and then cancels every request of the batch still waiting or in flight."""
+
+    def __init__(self, threshold: int):
+        self.threshold = threshold
+        self.failing: list[int] = []  # the conversations of the current run of failures, one entry per failure
+        self.reason: str | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    def success(self) -> None:
+        self.failing.clear()
+
+    def failure(self, error: str) -> None:
+        """One failed attempt. A run of failures trips the breaker only when it spans several
+        conversations (or the batch has one): one conversation the server keeps failing on, while
+        others succeed, is that conversation's error."""
+        self.failing.append(id(asyncio.current_task()))
+        if len(self.failing) >= self.threshold and (len(set(self.failing)) > 1 or len(self.tasks) == 1):
+            self.trip(f"{len(self.failing)} requests failed in a row, the last with {error}")
+
+    def trip(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            me = asyncio.current_task()
+            for t in self.tasks:
+                if t is not me:
+                    t.cancel()
+
+
+def endpoint_of(base_url: str | None) -> str:
+    """The server part of a judge's identity: host, port and path of ``base_url`` (never its
+    credentials), or OpenAI's own API."""
+    if not base_url:
+        return "api.openai.com/v1"
+    url = urlsplit(base_url)
+    host = url.hostname or ""
+    return f"{host}{f':{url.port}' if url.port else ''}{url.path.rstrip('/')}"
+
+
 class OpenAIChat(LLM):
     """Chat completions from an OpenAI-compatible server.
 
@@ -179,7 +229,15 @@ class OpenAIChat(LLM):
       waiting ``Retry-After`` when the server says, else ``backoff_s * 2**attempt`` with jitter
       (half fixed, half random), capped at ``max_backoff_s``. The client's own retries are off, so
       every retry is ours and counted;
-    - ``price_per_mtok = (input, output)`` in USD per million tokens turns usage into ``cost_usd``.
+    - ``price_per_mtok = (input, output)`` in USD per million tokens turns usage into ``cost_usd``;
+    - a request stops retrying once its batch has waited ``retry_budget_s``: one failing example
+      holds its batch for a bounded time, and fails alone (asked again on a later attempt);
+    - errors about the service trip the batch's :class:`Breaker` (``breaker_threshold``
+      consecutive failures, or one refused key, unknown model or unreachable server).
+
+    ``endpoint`` (default: from ``base_url``) joins the model in the backend's ``name``, so the
+    same model name on another server is another judge; set it (``SFT_SELECT_OPENAI_ENDPOINT``) to
+    declare that two servers serve the same model and share their ratings.
 
     The batch runs on a private event loop in a background thread, so :meth:`chat` may be called
     from any thread (Prefect runs tasks in worker threads), also while another loop is running.
@@ -199,13 +257,19 @@ class OpenAIChat(LLM):
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         price_per_mtok: tuple[float, float] | None = None,
+        retry_budget_s: float = 30.0,
+        breaker_threshold: int = 5,
+        endpoint: str | None = None,
     ):
         super().__init__()
         if isinstance(api_key, str):
             api_key = SecretStr(api_key)
         self.model = model
-        self.name = f"openai:{model}"
+        self.endpoint = endpoint or endpoint_of(base_url)
+        self.name = f"openai:{model}@{self.endpoint}"
         self.base_url = base_url
+        self.retry_budget_s = retry_budget_s
+        self.breaker_threshold = breaker_threshold
         self._api_key = api_key
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
@@ -267,8 +331,15 @@ class OpenAIChat(LLM):
     async def _batch(self, conversations: list[Conversation], temperature: float, max_tokens: int,
                      top_logprobs: int | None) -> list[ChatResult]:
         self._ensure_client()
-        return list(await asyncio.gather(*(self._one(c, temperature, max_tokens, top_logprobs)
-                                           for c in conversations)))
+        breaker, deadline = Breaker(self.breaker_threshold), time.monotonic() + self.retry_budget_s
+        breaker.tasks = [asyncio.ensure_future(self._one(c, temperature, max_tokens, top_logprobs, breaker, deadline))
+                         for c in conversations]
+        done = await asyncio.gather(*breaker.tasks, return_exceptions=True)
+        for r in done:
+            if not isinstance(r, (ChatResult, asyncio.CancelledError)):
+                raise r
+        return [r if isinstance(r, ChatResult) else ChatResult(error=self._scrub(breaker.reason or "cancelled"),
+                                                                service=True) for r in done]
 
     def _scrub(self, text: str) -> str:
         if self._api_key is not None:
@@ -283,8 +354,8 @@ class OpenAIChat(LLM):
         base = min(self.max_backoff_s, self.backoff_s * 2**attempt)
         return base / 2 + random.uniform(0, base / 2)
 
-    async def _one(self, messages: Conversation, temperature: float, max_tokens: int,
-                   top_logprobs: int | None) -> ChatResult:
+    async def _one(self, messages: Conversation, temperature: float, max_tokens: int, top_logprobs: int | None,
+                   breaker: Breaker, deadline: float) -> ChatResult:
         import openai
 
         kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature,
@@ -293,26 +364,53 @@ class OpenAIChat(LLM):
             kwargs.update(logprobs=True, top_logprobs=top_logprobs)
         estimate = sum(len(m.get("content") or "") for m in messages) / 4 + max_tokens
         retries = 0
+
+        def service(error: str) -> ChatResult:
+            breaker.trip(self._scrub(error))
+            return ChatResult(error=self._scrub(error), service=True, retries=retries)
+
         while True:
             await self._limiter.acquire(estimate)
             hint: float | None = None
             try:
                 async with self._semaphore:
                     response = await self._client.chat.completions.create(**kwargs)
+                breaker.success()
                 return self._result(response, retries)
-            except (openai.RateLimitError, openai.InternalServerError) as e:
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+                return service(f"HTTP {e.status_code} from {self.endpoint}: {e.message}")
+            except openai.RateLimitError as e:
+                if "insufficient_quota" in str(e.code or "") + str(e.message):
+                    return service(f"HTTP 429 from {self.endpoint}: {e.message}")
+                error, hint = f"HTTP 429: {e.message}", retry_after_s(e.response.headers)
+            except openai.InternalServerError as e:
                 error, hint = f"HTTP {e.status_code}: {e.message}", retry_after_s(e.response.headers)
+                breaker.failure(error)
             except openai.APIStatusError as e:
-                if e.status_code not in (408, 409):
-                    return ChatResult(error=self._scrub(f"HTTP {e.status_code}: {e.message}"), retries=retries)
+                if e.status_code not in (408, 409):  # 400, 413, 422: this conversation is refused as it is
+                    breaker.success()
+                    return ChatResult(error=self._scrub(f"HTTP {e.status_code}: {e.message}"), retries=retries,
+                                      final=e.status_code in (400, 413, 422))
                 error, hint = f"HTTP {e.status_code}: {e.message}", retry_after_s(e.response.headers)
-            except openai.APIConnectionError as e:  # includes timeouts
+                breaker.failure(error)
+            except openai.APITimeoutError as e:
                 error = f"{type(e).__name__}: {e}"
+                breaker.failure(error)
+            except openai.APIConnectionError as e:  # refused, unreachable, reset
+                error = f"cannot reach {self.endpoint}: {e.__cause__ or e}"
+                breaker.failure(error)
+                if retries >= 2:
+                    return service(error)
             except openai.OpenAIError as e:  # an answer that does not fit the schema, ...
                 return ChatResult(error=self._scrub(f"{type(e).__name__}: {e}"), retries=retries)
-            if retries >= self.max_retries:
-                return ChatResult(error=self._scrub(f"{error} (after {retries} retries)"), retries=retries)
+            if breaker.reason is not None:
+                return ChatResult(error=self._scrub(breaker.reason), service=True, retries=retries)
             delay = self._backoff(retries, hint)
+            if retries >= self.max_retries or time.monotonic() + delay > deadline:
+                if error.startswith("HTTP 429"):  # the server's pace, not this conversation
+                    return service(f"{error} (rate limited after {retries} retries: lower "
+                                   "SFT_SELECT_OPENAI_CONCURRENCY or SFT_SELECT_OPENAI_RPM)")
+                return ChatResult(error=self._scrub(f"{error} (after {retries} retries)"), retries=retries)
             retries += 1
             log.debug("%s: %s; retry %d in %.2f s", self.name, self._scrub(error), retries, delay)
             await asyncio.sleep(delay)
@@ -428,7 +526,8 @@ def get_llm(spec: str | None = None) -> LLM:
     - ``"openai"`` / ``"openai:<model>"``: :class:`OpenAIChat` on ``OPENAI_BASE_URL`` with the
       concurrency, rate limits and timeout of the settings (``"openai"`` means ``settings().openai_model``).
 
-    An ``LLM.name`` is a valid spec, so a signal's ``model`` parameter rebuilds its backend.
+    An ``LLM.name`` is a valid spec, so a signal's ``model`` parameter rebuilds its backend; an
+    OpenAI name carries its server (``openai:<model>@<endpoint>``), which must be the configured one.
     """
     s = settings()
     spec = spec or s.llm_backend
@@ -436,8 +535,13 @@ def get_llm(spec: str | None = None) -> LLM:
     if kind == "local":
         return _local(model or s.local_llm)
     if kind == "openai":
+        model, at, endpoint = model.rpartition("@") if "@" in model else (model, "", "")
+        configured = s.openai_endpoint or endpoint_of(s.openai_base_url)
+        if at and endpoint != configured:
+            raise ValueError(f"{spec} was made on the server {endpoint!r}, but OPENAI_BASE_URL points at "
+                             f"{configured!r} (set SFT_SELECT_OPENAI_ENDPOINT={endpoint} if it serves the same model)")
         return _openai(model or s.openai_model, s.openai_base_url, s.openai_api_key, s.openai_max_concurrency,
-                       s.openai_rpm, s.openai_tpm, s.openai_timeout_s, s.openai_price_per_mtok)
+                       s.openai_rpm, s.openai_tpm, s.openai_timeout_s, s.openai_price_per_mtok, configured)
     raise ValueError(f"unknown LLM backend {spec!r}: use 'local', 'local:<model>' or 'openai:<model>'")
 
 
@@ -448,9 +552,10 @@ def _local(model: str) -> LocalChat:
 
 @lru_cache(maxsize=8)
 def _openai(model: str, base_url: str | None, api_key: SecretStr | None, max_concurrency: int, rpm: float | None,
-            tpm: float | None, timeout_s: float, price_per_mtok: tuple[float, float] | None) -> OpenAIChat:
+            tpm: float | None, timeout_s: float, price_per_mtok: tuple[float, float] | None,
+            endpoint: str) -> OpenAIChat:
     return OpenAIChat(model, base_url=base_url, api_key=api_key, max_concurrency=max_concurrency, rpm=rpm, tpm=tpm,
-                      timeout_s=timeout_s, price_per_mtok=price_per_mtok)
+                      timeout_s=timeout_s, price_per_mtok=price_per_mtok, endpoint=endpoint)
 
 
-__all__ = ["ChatResult", "LLM", "LocalChat", "OpenAIChat", "RateLimiter", "get_llm", "retry_after_s", "usage_of"]
+__all__ = ["Breaker", "ChatResult", "LLM", "LocalChat", "OpenAIChat", "RateLimiter", "endpoint_of", "get_llm", "retry_after_s", "usage_of"]
