@@ -88,6 +88,9 @@ class OpenAIServer:
             daemon_threads = True
             request_queue_size = 128
 
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that hangs up (a cancelled request) is no error of the server's
+
         self._httpd = Server(("127.0.0.1", 0), Handler)
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
