@@ -15,8 +15,9 @@ tokenizer as its chat template so that evaluation renders prompts exactly as tra
 
 Training runs through TRL's ``SFTTrainer`` (no hand-written loop): LoRA adapters on every linear
 layer by default (peft), full fine-tuning with ``Recipe.full``; length-grouped batches by default,
-TRL's best-fit-decreasing packing with ``Recipe.batching="packing"``. bf16 mixed precision on a GPU
-that supports it, and on the CPU (autocast) where ``Recipe.precision`` asks for it.
+TRL's best-fit-decreasing packing with ``Recipe.batching="packing"``. bf16 mixed precision where
+the device runs it fast (``Recipe.precision="auto"``: a GPU that supports it, a CPU by a measured
+probe; some CPUs run bf16 eighty times slower than float32), or where the recipe asks for it.
 
 Caching: the result is stored under ``settings().model_cache / "finetuned" / <key>``, with
 ``key = sha256(selection fingerprint, base model identity, recipe hash)``; a finished folder is
@@ -91,7 +92,8 @@ class Recipe(BaseModel):
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto", description="auto: the model's chat template when it has one, else Alpaca")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU that supports it and on the CPU, fp32 otherwise")
+        "auto", description="auto: bf16 autocast where this device runs bf16 at least as fast as fp32 (a GPU "
+                            "that supports it; a CPU by a short measured probe), fp32 otherwise")
     save_steps: int = Field(50, ge=1, description="checkpoint every this many optimizer steps")
     logging_steps: int = Field(5, ge=1)
 
@@ -235,12 +237,19 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 def _precision(recipe: Recipe) -> tuple[bool, str]:
-    """(bf16, device)."""
+    """(bf16, device): ``auto`` takes bf16 where this device runs it at least as fast as float32
+    (measured on the CPU: on some CPUs of one kind it is eighty times slower); ``bf16`` asks for it
+    regardless."""
     import torch
 
-    if torch.cuda.is_available():
-        return recipe.precision != "fp32" and torch.cuda.is_bf16_supported(), "cuda"
-    return recipe.precision != "fp32", "cpu"
+    from sft_select.tasks.backends.precision import bf16_is_fast
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if recipe.precision == "auto":
+        bf16 = bf16_is_fast(device)
+        log.info("fine-tuning on %s in %s (precision auto)", device, "bf16 autocast" if bf16 else "float32")
+        return bf16, device
+    return recipe.precision == "bf16" and (device == "cpu" or torch.cuda.is_bf16_supported()), device
 
 
 def _loss_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:

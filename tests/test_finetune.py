@@ -182,3 +182,30 @@ def test_prefect_task_is_cached_on_the_finetune_key(tiny_base, model_cache, pref
     shutil.rmtree(runs[0][1].path)
     name, ref = tune()
     assert name == "Completed" and (Path(ref.path) / "finetune.json").exists()
+
+
+def test_auto_precision_is_what_this_cpu_runs_fast(tmp_path, monkeypatch):
+    """'auto' takes bf16 only where a measured probe finds it at least as fast as float32 (on an
+    AVX2-only CPU bf16 is eighty times slower), remembers the probe, and follows what it remembers."""
+    import json
+
+    from sft_select.settings import settings
+    from sft_select.tasks.backends.precision import _cpu_name, bf16_is_fast
+    from sft_select.tasks.finetune import Recipe, _precision
+
+    monkeypatch.setenv("SFT_SELECT_MODEL_CACHE", str(tmp_path))
+    settings.cache_clear()
+    bf16_is_fast.cache_clear()
+    try:
+        chosen, device = _precision(Recipe(precision="auto"))
+        [(key, rates)] = json.loads((tmp_path / "cpu_precision.json").read_text()).items()
+        assert device == "cpu" and key.startswith(_cpu_name()) and rates["float32"] > 0 and rates["bfloat16"] > 0
+        assert chosen == (rates["bfloat16"] >= rates["float32"])
+        assert _precision(Recipe(precision="fp32")) == (False, "cpu")
+        for bf16_rate, expected in ((1.2, False), (400.0, True)):  # the remembered probe decides
+            (tmp_path / "cpu_precision.json").write_text(json.dumps({key: {"float32": 98.0, "bfloat16": bf16_rate}}))
+            bf16_is_fast.cache_clear()
+            assert _precision(Recipe(precision="auto")) == (expected, "cpu")
+    finally:
+        settings.cache_clear()
+        bf16_is_fast.cache_clear()
