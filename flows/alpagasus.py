@@ -36,7 +36,7 @@ from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.tasks.core import DatasetRef, get_store
 from sft_select.tasks.backends.llm import get_llm
 from sft_select.tasks.llm import Prompt, expected_score, first_number, llm_signal, score_with_llm
-from sft_select.tasks.report import publish_table
+from sft_select.tasks.report import histogram_rows, publish_table
 from sft_select.tasks.select import resolve_budget, select
 
 SYSTEM = ("You review answers written by an AI assistant. You are shown the task it was given (an "
@@ -111,9 +111,7 @@ def alpagasus(params: AlpaGasusParams) -> SelectionRef:
     m = resolve_budget(params.budget, dataset.rows) if params.budget is not None else None
     selection = select(scores, m=m, threshold=params.threshold, label=f"{params.criterion} rating")
 
-    histogram = (scores.group_by(pl.col("score").cast(pl.String).fill_null("no rating (error)"))
-                 .len("examples").sort("score"))
-    publish_table("alpagasus-ratings", histogram.to_dicts(),
+    publish_table("alpagasus-ratings", histogram_rows(scores["score"], missing="no rating (error)"),
                   f"{params.criterion} ratings by {signal.model} on {dataset.name}@{dataset.version}")
     print(f"alpagasus: {selection.height} of {dataset.rows} examples kept ({params.criterion} by {signal.model}; "
           f"{rated.computed} rated now, {rated.reused} reused, {rated.errors} without a rating)")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +15,13 @@ import typer
 
 app = typer.Typer(help="Select the best subset of an instruction-tuning dataset.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
+_DEBUG = False
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False) -> None:
+    global _DEBUG
+    _DEBUG = debug
 
 
 def _print(df: pl.DataFrame, empty: str) -> None:
@@ -24,9 +33,59 @@ def _print(df: pl.DataFrame, empty: str) -> None:
         typer.echo(df)
 
 
+def _message(error: Exception, known: list[str] | None = None, name: str | None = None) -> str:
+    """One line for an error; a pydantic validation error names each field, and an unknown field the
+    closest of ``known``."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        text = error.args[0] if isinstance(error, KeyError) and error.args else error  # str(KeyError) is quoted
+        return str(text).strip().replace("\n", "; ")
+    parts = []
+    for e in error.errors():
+        field = ".".join(str(x) for x in e["loc"]) or error.title
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][-1]), known or [], n=1)
+            parts.append(f"{field}: no such parameter of {name or error.title}"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
+        else:
+            parts.append(f"{field}: {e['msg']}")
+    return "; ".join(parts)
+
+
 def _fail(error: Exception, code: int = 2) -> None:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    if _DEBUG:
+        raise error
+    typer.secho(f"error: {_message(error)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _validate(model, values: dict, name: str):
+    """``model(**values)``; a validation error becomes one line naming each field."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as e:
+        raise ValueError(_message(e, list(model.model_fields), name)) from None
+
+
+def _parameters(model) -> str:
+    """A parameter model's fields as text: name, type, default and description (what the UI's form shows)."""
+    from pydantic import BaseModel, TypeAdapter
+
+    lines = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation.__name__ if isinstance(field.annotation, type) else \
+            str(field.annotation).replace("typing.", "").replace("Literal", "one of ")
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            value = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            default = "default " + json.dumps(TypeAdapter(type(value)).dump_python(value, mode="json"))
+        lines += [f"  {name}: {kind}, {default}", f"      {field.description or ''}"]
+    return "\n".join(lines)
 
 
 def _run_failures() -> tuple[type[Exception], ...]:
@@ -39,21 +98,22 @@ def _run_failures() -> tuple[type[Exception], ...]:
     return FillAborted, SignalIncomplete, IncompleteSelection
 
 
-class _NoTracebackForRunFailures(logging.Filter):
-    """Prefect logs a failed flow's or task's exception with its traceback; for the failures the
-    CLI reports in one line, the message is the whole story."""
+class _NoTraceback(logging.Filter):
+    """Prefect logs a failed flow's or task's exception with its traceback; on the command line the
+    error's one line is the whole story (``--debug`` keeps the tracebacks)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], _run_failures()):
-            record.exc_info, record.exc_text = None, None
+        record.exc_info, record.exc_text = None, None
         return True
 
 
 def _quiet_run_failures() -> None:
+    if _DEBUG:
+        return
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoTracebackForRunFailures) for f in logger.filters):
-            logger.addFilter(_NoTracebackForRunFailures())
+        if not any(isinstance(f, _NoTraceback) for f in logger.filters):
+            logger.addFilter(_NoTraceback())
 
 
 def _assignments(items: list[str] | None) -> dict[str, object]:
@@ -147,11 +207,15 @@ def selections() -> None:
 @app.command()
 def export(
     name: Annotated[str, typer.Argument(help="A dataset name or a selection id.")],
-    to: Annotated[str, typer.Option("--to", help="alpaca, sharegpt, messages or parquet.")],
-    path: Annotated[Path, typer.Argument(help="Output file.")],
+    to: Annotated[str, typer.Option("--to", help="alpaca or sharegpt (.json), messages (.jsonl), parquet "
+                                                 "(.parquet), hf (a datasets folder).")],
+    path: Annotated[Path, typer.Argument(help="Output file (or folder, for hf).")],
+    dataset_info: Annotated[bool, typer.Option("--dataset-info", help="Also print the LLaMA-Factory "
+                                                                      "dataset_info.json entry for the file.")] = False,
 ) -> None:
     """Write a dataset or a selection as a training file."""
     from sft_select.storage import write_examples
+    from sft_select.storage.formats import llamafactory_entry
 
     store = _store()
     try:
@@ -162,23 +226,51 @@ def export(
             examples = store.selections.read(name).select("uid").join(pool, on="uid", maintain_order="left")
         else:
             examples = store.datasets.read(name)
+        entry = llamafactory_entry(path.resolve(), to) if dataset_info else None
         out = write_examples(examples, path, to)
     except (KeyError, ValueError) as e:
         _fail(e)
     typer.echo(f"wrote {examples.height} examples to {out} ({to})")
+    if entry is not None:
+        typer.echo(json.dumps({path.stem: entry}, indent=2))
 
 
 @app.command()
+def methods() -> None:
+    """List the selection methods: family, paper and what each does (`run METHOD --help`: its parameters)."""
+    from sft_select.flows.registry import METHODS, describe
+
+    for name in METHODS:
+        info = describe(name)
+        typer.echo(f"{name:<16} {info['family']:<16} {info['paper']}\n{'':<33} {info['does']}")
+
+
+@app.command(context_settings={"help_option_names": []})
 def run(
-    method: Annotated[str, typer.Argument(help="Selection method, e.g. random, longest, coreset, alpagasus.")],
-    dataset: Annotated[str, typer.Option(help="Dataset name.")],
+    ctx: typer.Context,
+    method: Annotated[str | None, typer.Argument(help="Selection method (`sft-select methods` lists them).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name.")] = None,
     budget: Annotated[float | None, typer.Option(help="Count (>= 1) or fraction (< 1).")] = 0.1,
     judge: Annotated[str | None, typer.Option(help="LLM for judge methods: local, local:MODEL, openai:MODEL.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Other parameters, KEY=VALUE (JSON values).")] = None,
+    help_: Annotated[bool, typer.Option("--help", "-h", help="Show this message and, with METHOD, its parameters.")]
+    = False,
 ) -> None:
     """Run one selection method as a Prefect flow and print where its selection went."""
     from sft_select.flows.registry import load_flow, params_model
 
+    if help_ or method is None:
+        typer.echo(ctx.get_help())
+        if method is not None:
+            try:
+                model = params_model(load_flow(method))
+            except KeyError as e:
+                _fail(e)
+            typer.echo(f"\nParameters of {method} (--dataset, --budget, --judge, or --set KEY=VALUE):")
+            typer.echo(_parameters(model))
+        raise typer.Exit(0 if help_ else 2)
+    if dataset is None:
+        _fail(ValueError("--dataset is required: the name of a dataset registered with `sft-select ingest`"))
     try:
         _quiet_run_failures()
         flow = load_flow(method)
@@ -189,7 +281,9 @@ def run(
                 raise ValueError(f"{method} takes no judge")
             values["judge"] = judge
         values.update(_assignments(set_))
-        ref = flow(model(**values))
+        params = _validate(model, values, method)
+        _store().datasets.get(dataset, params.dataset_version)  # before a Prefect server starts for nothing
+        ref = flow(params)
     except (KeyError, ValueError) as e:
         _fail(e)
     except _run_failures() as e:

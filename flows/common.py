@@ -13,26 +13,30 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from sft_select.storage import write_examples
+from sft_select.storage.formats import SUFFIX
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store
-from sft_select.tasks.report import cost_table, publish_markdown, publish_table, stats, stats_rows
+from sft_select.tasks.report import (cost_table, histogram_rows, publish_markdown, publish_table, shorten, stats,
+                                     stats_rows)
 from sft_select.tasks.select import resolve_budget
 
-EXPORT_SUFFIX = {"alpaca": ".json", "sharegpt": ".json", "messages": ".jsonl", "parquet": ".parquet"}
 
 
 class MethodParams(BaseModel):
-    """Fields every selection method takes (the Prefect UI shows them as a form)."""
+    """Fields every selection method takes (the Prefect UI shows them as a form). A field that no
+    method declares is an error (a typo such as ``treshold`` must not run with the default)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(description="Name of a dataset registered with `sft-select ingest`.")
     dataset_version: int | None = Field(None, description="Version of the dataset; the latest when empty.")
     budget: float | None = Field(
         0.1, description="How many examples to keep: a count (>= 1) or a fraction of the pool (< 1).")
-    export: Literal["alpaca", "sharegpt", "messages", "parquet"] = Field(
+    export: Literal["alpaca", "sharegpt", "messages", "parquet", "hf"] = Field(
         "alpaca", description="Training-file format: alpaca / sharegpt (LLaMA-Factory, Axolotl), "
-                              "messages (TRL), parquet.")
+                              "messages (TRL), parquet, hf (a datasets folder for load_from_disk).")
     seed: int = Field(0, description="Random seed, for methods that sample.")
     allow_partial: bool = Field(
         False, description="Accept a selection that falls short of its budget because examples failed (they "
@@ -57,6 +61,11 @@ def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|")
+
+
 def _failed(store, signals: Sequence[SignalRef], uids: pl.Series) -> int:
     """How many of ``uids`` have an error and no value in at least one of the signals."""
     failed: set[str] = set()
@@ -79,12 +88,12 @@ def finish(method: str, params: MethodParams, dataset: DatasetRef, selection: pl
                                          selection=selection, flow_run_id=str(run_id) if run_id else None)
     pool = dataset.read()
     chosen = selection.select("uid").join(pool, on="uid", how="left", maintain_order="left")
-    path = store.home / "exports" / f"{selection_id}{EXPORT_SUFFIX[params.export]}"
-    write_examples(chosen, path, params.export if params.export != "parquet" else "parquet")
+    path = write_examples(chosen, store.home / "exports" / f"{selection_id}{SUFFIX[params.export]}", params.export)
 
     publish_table(_key(method, "stats"), stats_rows({"pool": stats(pool), "selection": stats(chosen)}),
                   f"{method} on {dataset.name}@{dataset.version}: the selection next to the pool")
-    head = selection.head(20).with_columns(pl.col("score").round(4))
+    head = chosen.head(20).select("instruction", "input", "output").with_columns(
+        selection.head(20).select(pl.col("score").round(4), "reason"))
     md = [
         f"# {method}: {selection.height} of {dataset.rows} examples from `{dataset.name}@{dataset.version}`",
         "",
@@ -96,10 +105,14 @@ def finish(method: str, params: MethodParams, dataset: DatasetRef, selection: pl
         "```",
         "## Signals",
         cost_table(signals),
+        "## Selection scores",
+        "| score | examples | |", "|---|---:|---|",
+        *[f"| {r['value']} | {r['examples']} | {r['bar']} |" for r in histogram_rows(selection["score"])],
         "## First 20 selected",
-        "| rank | uid | score | reason |",
-        "|---:|---|---:|---|",
-        *[f"| {i + 1} | `{r['uid'][:12]}` | {r['score']} | {r['reason']} |" for i, r in enumerate(head.to_dicts())],
+        "| rank | instruction | answer | score | reason |",
+        "|---:|---|---|---:|---|",
+        *[f"| {i + 1} | {_cell(shorten(r['instruction'] + ' ' + (r['input'] or ''), 90))} | "
+          f"{_cell(shorten(r['output'], 90))} | {r['score']} | {r['reason']} |" for i, r in enumerate(head.to_dicts())],
     ]
     publish_markdown(_key(method, "summary"), "\n".join(md), f"{method} selection summary")
     failed = _failed(store, signals, pool["uid"])

@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 import polars as pl
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from sft_select.flows.common import _key
 from sft_select.flows.registry import load_flow, params_model
@@ -94,6 +94,8 @@ MT_BENCH_REFERENCE = "mt_bench_gpt4_reference.jsonl"
 class MethodRun(BaseModel):
     """One selection method of the registry with its own parameters."""
 
+    model_config = ConfigDict(extra="forbid")
+
     method: str = Field(description="A method of the registry, e.g. random, longest, coreset, alpagasus.")
     params: dict[str, Any] = Field(default_factory=dict, description="The method's other parameters "
                                    "(dataset and budget come from the comparison).")
@@ -107,6 +109,8 @@ class MethodRun(BaseModel):
 
 class CompareParams(BaseModel):
     """What to compare, on what, and how (the Prefect UI shows it as a form)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(description="Name of a dataset registered with `sft-select ingest`.")
     dataset_version: int | None = Field(None, description="Version of the dataset; the latest when empty.")
@@ -217,7 +221,8 @@ def with_baselines(methods: list[MethodRun]) -> list[MethodRun]:
 
 def method_params(run: MethodRun, params: CompareParams) -> BaseModel:
     """The method's parameter model at the comparison's dataset, budget and seed; unknown fields and
-    fields the comparison owns are errors, and an unset ``threshold`` is switched off (one budget)."""
+    fields the comparison owns are errors, an unset ``threshold`` is switched off (one budget), and a
+    selection short of the budget through failed examples is accepted (its row shows the count)."""
     model = params_model(load_flow(run.method))
     owned = COMPARE_OWNS & set(run.params)
     unknown = set(run.params) - set(model.model_fields)
@@ -225,7 +230,8 @@ def method_params(run: MethodRun, params: CompareParams) -> BaseModel:
         raise ValueError(f"{run.name}: " + "; ".join(
             ([f"{sorted(owned)} are set by the comparison"] if owned else [])
             + ([f"unknown parameters {sorted(unknown)} (known: {sorted(model.model_fields)})"] if unknown else [])))
-    values = {"seed": params.seed, **run.params, "dataset": params.dataset,
+    # a row whose method kept fewer than the budget (its examples failed) shows that in its `selected`
+    values = {"seed": params.seed, "allow_partial": True, **run.params, "dataset": params.dataset,
               "dataset_version": params.dataset_version, "budget": params.budget}
     if "threshold" in model.model_fields and "threshold" not in run.params:
         values["threshold"] = None

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from sft_select.storage.formats import MAX_RECORD_CHARS
 from sft_select.tasks.core import DatasetRef
 from sft_select.tasks.ingest import ingest_file
 from sft_select.tasks.report import publish_markdown, publish_table, stats_rows
 
+log = logging.getLogger("sft_select")
+
 
 class IngestParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     path: str = Field(description="A .json, .jsonl or .parquet file, or a Hugging Face datasets folder.")
     name: str = Field(description="Dataset name (letters, digits, '_', '.', '-').")
     format: Literal["auto", "alpaca", "sharegpt", "messages", "canonical"] = "auto"
@@ -34,6 +39,6 @@ def ingest(params: IngestParams) -> DatasetRef:
         publish_markdown("ingest-rejects", f"# {report['rejected']} records set aside\n\n{reasons}\n\n"
                          f"All of them, with the raw record: `{report['rejects_file']}`", "rejected records")
     state = "new version" if info.created else "unchanged (same content already registered)"
-    print(f"{params.name}@{info.version}: {info.rows} examples, {report['duplicates']} duplicates dropped, "
-          f"{report['rejected']} rejected; {state}")
+    log.info("%s@%d: %d examples, %d duplicates dropped, %d rejected; %s", params.name, info.version, info.rows,
+             report["duplicates"], report["rejected"], state)
     return DatasetRef.of(info)

@@ -22,6 +22,14 @@ METHODS: dict[str, str] = {
     "diverseevol": "sft_select.flows.diverseevol:diverseevol",
     "instructiongpt4": "sft_select.flows.instructiongpt4:instructiongpt4",
 }
+# the survey's four families, and the baselines
+FAMILIES: dict[str, str] = {
+    "random": "baseline", "longest": "baseline",
+    "dq": "indicator-based", "instructmining": "indicator-based", "instructiongpt4": "indicator-based",
+    "ifd": "trainable LLM", "nuggets": "trainable LLM", "active_it": "trainable LLM", "diverseevol": "trainable LLM",
+    "coreset": "small model",
+    "alpagasus": "strong LLM",
+}
 # flows that are not selection methods, deployed too
 OTHER_FLOWS: dict[str, str] = {
     "ingest": "sft_select.flows.ingest:ingest",
@@ -41,3 +49,13 @@ def load_flow(name: str) -> Flow:
 def params_model(flow: Flow) -> type[BaseModel]:
     """The pydantic model of a flow's single ``params`` argument."""
     return typing.get_type_hints(flow.fn)["params"]
+
+
+def describe(name: str) -> dict[str, str]:
+    """A method's family, its paper (the first sentence of its module's docstring) and what it does
+    (the first line of its flow's docstring)."""
+    flow = load_flow(name)
+    module = importlib.import_module(flow.fn.__module__)
+    paper = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+    return {"method": name, "family": FAMILIES.get(name, ""), "paper": paper,
+            "does": (flow.fn.__doc__ or "").strip().splitlines()[0]}

@@ -10,6 +10,7 @@ is set) and switches off what fails offline, before Prefect itself is imported.
 
 import logging
 import os
+import sys
 
 from .settings import settings
 
@@ -30,3 +31,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's spinning OpenMP t
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sft_select")
 if logging.getLogger("sft_select").level == logging.NOTSET:
     logging.getLogger("sft_select").setLevel(logging.INFO)
+
+
+def _join_prefect_logging() -> None:
+    """Where Prefect configured logging before this package was imported (the process a worker
+    starts for a flow run from the UI or a schedule), give the project's logger the handlers of
+    Prefect's extra loggers, so that its lines reach the run's logs in the UI there too."""
+    configuration = sys.modules.get("prefect.logging.configuration")
+    if configuration is None or not configuration.PROCESS_LOGGING_CONFIG:
+        return
+    ours = logging.getLogger("sft_select")
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+
+
+_join_prefect_logging()

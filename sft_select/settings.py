@@ -41,6 +41,7 @@ class Settings(BaseModel):
     openai_base_url: str | None
     openai_endpoint: str | None
     openai_api_key: SecretStr | None
+    openai_key_block: str | None
     openai_model: str
     openai_max_concurrency: int
     openai_rpm: float | None
@@ -67,6 +68,7 @@ def settings() -> Settings:
         openai_base_url=_env("OPENAI_BASE_URL"),
         openai_endpoint=_env("SFT_SELECT_OPENAI_ENDPOINT"),
         openai_api_key=SecretStr(key) if key else None,
+        openai_key_block=_env("SFT_SELECT_OPENAI_KEY_BLOCK"),
         openai_model=_env("SFT_SELECT_OPENAI_MODEL", "gpt-4o-mini"),
         openai_max_concurrency=int(_env("SFT_SELECT_OPENAI_CONCURRENCY", "16")),
         openai_rpm=float(rpm) if rpm else None,

@@ -21,6 +21,7 @@ nothing is lost silently.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,9 @@ import pyarrow as pa
 from .examples import ROLE_ALIASES, SCHEMA, frame, make_example, user_text
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "canonical")
-WRITE_FORMATS = ("alpaca", "sharegpt", "messages", "parquet")
+WRITE_FORMATS = ("alpaca", "sharegpt", "messages", "parquet", "hf")
+# the suffix each written format needs (a Hugging Face datasets folder has none)
+SUFFIX = {"alpaca": ".json", "sharegpt": ".json", "messages": ".jsonl", "parquet": ".parquet", "hf": ""}
 MAX_RECORD_CHARS = 1_000_000
 CHUNK = 50_000
 
@@ -321,17 +324,31 @@ def _messages(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_examples(examples: pl.DataFrame, path: str | Path, format: str) -> Path:
-    """Write examples as ``alpaca`` (JSON), ``sharegpt`` (JSON), ``messages`` (JSONL) or ``parquet``.
+    """Write examples as ``alpaca`` (JSON), ``sharegpt`` (JSON), ``messages`` (JSONL), ``parquet``, or
+    ``hf`` (a Hugging Face ``datasets`` folder of ``messages``, as ``save_to_disk`` writes it). A path
+    whose suffix does not fit the format is refused (a training tool would misread the file).
 
-    The file is written under a temporary name and renamed, so a reader never sees half of it.
+    The file (or folder) is written under a temporary name and renamed, so a reader never sees half of it.
     """
     path = Path(path)
     if format not in WRITE_FORMATS:
         raise ValueError(f"unknown export format '{format}'; formats: {', '.join(WRITE_FORMATS)}")
+    if path.suffix.lower() != SUFFIX[format]:
+        want = f"a name ending in {SUFFIX[format]}" if SUFFIX[format] else "a folder name without a suffix"
+        raise ValueError(f"{path.name}: {format} is written to {want}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     if format == "parquet":
         examples.select(list(SCHEMA)).write_parquet(tmp)
+    elif format == "hf":
+        from datasets import Dataset
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        Dataset.from_list([_messages(row) for row in examples.iter_rows(named=True)]).save_to_disk(str(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return path
     else:
         convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}[format]
         records = [convert(row) for row in examples.iter_rows(named=True)]
@@ -343,3 +360,22 @@ def write_examples(examples: pl.DataFrame, path: str | Path, format: str) -> Pat
                 json.dump(records, f, ensure_ascii=False, indent=1)
     tmp.replace(path)
     return path
+
+
+def llamafactory_entry(path: str | Path, format: str) -> dict[str, Any]:
+    """The ``dataset_info.json`` entry with which LLaMA-Factory reads a file :func:`write_examples` wrote."""
+    entry: dict[str, Any] = {"file_name": str(path)}
+    if format == "alpaca":
+        entry.update(formatting="alpaca", columns={"prompt": "instruction", "query": "input", "response": "output",
+                                                   "system": "system", "history": "history"})
+    elif format == "sharegpt":
+        entry.update(formatting="sharegpt", columns={"messages": "conversations"},
+                     tags={"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                           "system_tag": "system"})
+    elif format == "messages":
+        entry.update(formatting="sharegpt", columns={"messages": "messages"},
+                     tags={"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                           "assistant_tag": "assistant", "system_tag": "system"})
+    else:
+        raise ValueError(f"no LLaMA-Factory entry for {format}: it reads the alpaca, sharegpt and messages exports")
+    return entry

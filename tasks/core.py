@@ -8,6 +8,7 @@ as JSON, and the data stays in the Parquet files the references name.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -125,10 +126,28 @@ def _retry_incomplete(task, task_run, state) -> bool:
     return isinstance(state.data, SignalIncomplete)
 
 
-def progress_artifact(description: str) -> Callable[[int, int], None]:
-    """A Prefect progress artifact for the current run, and ``update(done, total)`` for it."""
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_artifact(description: str, unit: str = "examples") -> Callable[[int, int], str]:
+    """A Prefect progress artifact for the current run, and ``update(done, total)`` for it, which
+    writes the counts, the rate and the time left into the artifact's description and returns
+    that line."""
     artifact = create_progress_artifact(0.0, description=description)
-    return lambda done, total: update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+    began = time.monotonic()
+
+    def update(done: int, total: int) -> str:
+        rate = done / max(time.monotonic() - began, 1e-9)
+        line = f"{description}: {done:,}/{total:,} {unit}, {rate:.2f} {unit}/s"
+        if 0 < done < total:
+            line += f", about {_duration((total - done) / rate)} left"
+        update_progress_artifact(artifact, 100.0 * done / max(total, 1), description=line)
+        return line
+
+    return update
 
 
 def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: int = 32, max_attempts: int = 3,
@@ -149,8 +168,7 @@ def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: in
         bar = progress_artifact(f"{signal.id} on {dataset.name}@{dataset.version}")
 
         def progress(done: int, total: int) -> None:
-            bar(done, total)
-            log.info("%s: %d/%d computed", signal.id, done, total)
+            log.info(bar(done, total))
 
         return fill_signal(signal, dataset, build, batch_size=batch_size, max_attempts=max_attempts,
                            order_by=order_by, progress=progress)

@@ -421,4 +421,4 @@ def finetune_task(examples: pl.DataFrame, base: str = "smollm2-135m-instruct",
     """Prefect task: :func:`finetune`, with a progress artifact. A retry (or a re-run after a kill)
     resumes from the last checkpoint."""
     return finetune(examples, base, recipe,
-                    progress=progress_artifact(f"fine-tuning {base} on {examples.height} examples"))
+                    progress=progress_artifact(f"fine-tuning {base} on {examples.height} examples", unit="steps"))

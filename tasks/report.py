@@ -45,6 +45,33 @@ def stats_rows(columns: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def histogram_rows(values: pl.Series, bins: int = 10, missing: str = "no value (error)") -> list[dict[str, Any]]:
+    """A histogram as table rows (``value``, ``examples``, ``bar``): one row per value where there are
+    few distinct ones (ratings 0-5), else ``bins`` equal-width bins (expected scores, losses); the
+    examples without a value get a row of their own."""
+    present = values.drop_nulls().drop_nans() if values.dtype.is_float() else values.drop_nulls()
+    distinct = present.unique().sort()
+    if distinct.len() <= 12:
+        counts = [(f"{v:g}" if isinstance(v, float) else str(v), int((present == v).sum())) for v in distinct]
+    else:
+        low, high = float(present.min()), float(present.max())
+        width = (high - low) / bins
+        index = ((present.cast(pl.Float64) - low) / width).floor().clip(0, bins - 1).cast(pl.Int64)
+        counts = [(f"[{low + i * width:.3g}, {low + (i + 1) * width:.3g}{']' if i == bins - 1 else ')'}",
+                   int((index == i).sum())) for i in range(bins)]
+    absent = values.len() - present.len()
+    if absent:
+        counts.append((missing, absent))
+    top = max((c for _, c in counts), default=0) or 1
+    return [{"value": v, "examples": c, "bar": "█" * round(30 * c / top)} for v, c in counts]
+
+
+def shorten(text: str | None, chars: int = 80) -> str:
+    """One line of at most ``chars`` characters (for tables a person reads)."""
+    line = " ".join((text or "").split())
+    return line if len(line) <= chars else line[: chars - 1] + "…"
+
+
 def in_prefect_run() -> bool:
     try:
         get_run_context()

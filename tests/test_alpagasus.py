@@ -72,3 +72,22 @@ def test_helpfulness_is_its_own_signal(store, server):
     helpful = alpagasus(AlpaGasusParams(dataset="one", judge="openai:judge-help", criterion="helpfulness"))
     assert server.requests == 2 and "helpfulness" in server.bodies[1]["messages"][1]["content"]
     assert acc.selection_id != helpful.selection_id and helpful.rows == 1
+
+
+def test_the_progress_artifact_shows_counts_and_rate(store, server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    rows = [make_example([{"role": "user", "content": f"Job {i}"}, {"role": "assistant", "content": f"answer {i}"}])
+            for i in range(5)]
+    store.datasets.register("progress", frame(rows))
+    alpagasus(AlpaGasusParams(dataset="progress", judge="openai:judge-progress", batch_size=2))
+
+    async def progress_artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+
+    [bar] = [a for a in asyncio.run(progress_artifacts()) if "on progress@1" in (a.description or "")]
+    assert bar.data == 100.0 and re.search(r": 5/5 examples, [\d.]+ examples/s$", bar.description)

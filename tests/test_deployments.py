@@ -151,13 +151,23 @@ def test_deployments_run_from_the_ui_on_a_real_server(server: tuple[str, Process
     # the server enforces each deployment's parameter schema, as the UI's form does
     status, answer = _create_flow_run(api, "longest/default", {"params": {"dataset": "demo", "budget": "lots"}})
     assert status == 409 and "params.budget" in answer["detail"]
+    status, answer = _create_flow_run(api, "alpagasus/default", {"params": {"dataset": "demo", "treshold": 4}})
+    assert status == 409 and "treshold" in answer["detail"]  # a typo never runs with the default
 
     worker_log = procs.start("worker", "worker", "start", "--pool", "sft-select")
 
     # ingest the demo pool with the ingest deployment's defaults ("Quick run")
-    _run(api, "ingest/default", {}, worker_log)
+    ingested = _run(api, "ingest/default", {}, worker_log)
     store = Store(tmp_path / "home")
     assert store.datasets.get("demo").rows == 150
+
+    # the project's own log lines reach the run's logs in the UI, as Prefect's do
+    def project_line() -> bool:
+        logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [ingested["id"]]}}},
+                          timeout=10).raise_for_status().json()
+        return any(entry["name"] == "sft_select" and "demo@1: 150 examples" in entry["message"] for entry in logs)
+
+    _wait_for(project_line, 30, "the ingest run's own log line in the API", worker_log)
 
     # a selection method run with parameters filled in the form
     run = _run(api, "longest/default", {"params": {"dataset": "demo", "budget": 10}}, worker_log)

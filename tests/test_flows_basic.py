@@ -113,3 +113,26 @@ def test_cli_ingest_run_export_and_clear_errors(pool, store, tmp_path):
     assert unknown.exit_code == 2 and "unknown method 'nope'" in unknown.output
     missing = runner.invoke(app, ["run", "random", "--dataset", "nothere"])
     assert missing.exit_code == 2 and "no dataset named 'nothere'" in missing.output
+
+
+def test_the_summary_shows_what_was_selected_and_a_score_histogram(pool, store):
+    import asyncio
+
+    import polars as pl
+    from prefect.client.orchestration import get_client
+
+    from sft_select.tasks.report import histogram_rows
+
+    ingest(IngestParams(path=str(pool), name="pool", on_error="skip"))
+    top = longest(LongestParams(dataset="pool", budget=3))
+
+    async def markdowns() -> list[str]:
+        async with get_client() as client:
+            return [a.data for a in await client.read_artifacts() if a.type == "markdown"]
+
+    mds = [m for m in asyncio.run(markdowns()) if top.selection_id in m]  # (ids are content: earlier tests' too)
+    assert mds and all("| 1 | Task 39 | word word word" in md for md in mds)  # the example, not its uid
+    # ratings: one row per value; continuous scores: equal-width bins; failures: a row of their own
+    assert [r["value"] for r in histogram_rows(pl.Series([4.0, 5.0, 5.0, None]))] == ["4", "5", "no value (error)"]
+    bins = histogram_rows(pl.Series([i / 10 for i in range(100)]), bins=4)
+    assert [r["examples"] for r in bins] == [25, 25, 25, 25] and bins[-1]["value"].endswith("]")

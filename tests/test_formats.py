@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from sft_select.storage import InputError, read_examples, write_examples
-from sft_select.storage.examples import uid_of
+from sft_select.storage.examples import frame, make_example, uid_of
 
 TRAIN = {  # file -> (records, kept, duplicates, rejected: empty outputs in the upstream data)
     "alpaca_9k.json": (9229, 9225, 0, 4),
@@ -47,10 +47,10 @@ def test_dolly_keeps_category_in_meta(shared_data):
     assert json.loads(examples["meta"][0])["category"]
 
 
-@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "parquet"])
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "parquet", "hf"])
 def test_round_trip_through_every_writer_keeps_uids(shared_data, tmp_path, fmt):
     examples = read_examples(shared_data / "train" / "lima_1k.json").examples.head(300)
-    suffix = {"alpaca": ".json", "sharegpt": ".json", "messages": ".jsonl", "parquet": ".parquet"}[fmt]
+    suffix = {"alpaca": ".json", "sharegpt": ".json", "messages": ".jsonl", "parquet": ".parquet", "hf": ""}[fmt]
     path = write_examples(examples, tmp_path / f"out{suffix}", fmt)
     back = read_examples(path).examples
     assert back["uid"].to_list() == examples["uid"].to_list()
@@ -200,3 +200,32 @@ def test_register_same_content_is_a_no_op_and_change_is_a_new_version(store):
     assert (again.version, again.created, again.fingerprint) == (1, False, first.fingerprint)
     assert (changed.version, changed.created) == (2, True)
     assert store.datasets.read("pool", 1).height == 3 and store.datasets.read("pool").height == 2
+
+
+def test_an_export_whose_suffix_does_not_fit_its_format_is_refused(tmp_path):
+    examples = frame([make_example([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])])
+    with pytest.raises(ValueError, match=r"out.jsonl: alpaca is written to a name ending in .json"):
+        write_examples(examples, tmp_path / "out.jsonl", "alpaca")
+    with pytest.raises(ValueError, match="a folder name without a suffix"):
+        write_examples(examples, tmp_path / "out.json", "hf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_prints_the_llamafactory_entry_of_its_file(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from sft_select.flows.cli import app
+
+    examples = frame([make_example([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "a"}])])
+    store.datasets.register("tiny", examples)
+    out = CliRunner().invoke(app, ["export", "tiny", "--to", "sharegpt", str(tmp_path / "tiny.json"),
+                                   "--dataset-info"])
+    assert out.exit_code == 0, out.output
+    entry = json.loads(out.output.split("\n", 1)[1])["tiny"]
+    assert entry["file_name"] == str((tmp_path / "tiny.json").resolve()) and entry["formatting"] == "sharegpt"
+    record = json.loads((tmp_path / "tiny.json").read_text())[0]
+    columns, tags = entry["columns"], entry["tags"]
+    turns = record[columns["messages"]]  # what LLaMA-Factory reads with this entry
+    assert [t[tags["role_tag"]] for t in turns] == [tags["system_tag"], tags["user_tag"], tags["assistant_tag"]]
+    assert turns[-1][tags["content_tag"]] == "a"

@@ -353,3 +353,22 @@ def test_local_backend_generates_and_scores(store):
     assert ref.computed == 4 and rows.height == 4 and rows["raw"].null_count() == 0
     for row in rows.iter_rows(named=True):
         assert (row["error"] is None and 0 <= row["value"] <= 5) or row["error"].startswith("parse:")
+
+
+def test_the_key_comes_from_a_prefect_secret_block_when_one_is_named(store, openai_env, prefect_api, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    secret = f"sk-block-{uuid.uuid4().hex}"
+    Secret(value=secret).save("judge-key-test", overwrite=True)
+    with OpenAIServer(lambda r: "4", api_key=secret) as server:
+        openai_env(server.url, key="sk-the-environment-has-another-one")
+        monkeypatch.setenv("SFT_SELECT_OPENAI_KEY_BLOCK", "judge-key-test")
+        settings.cache_clear()
+        data = pool(store, 3)
+        ref = fill_signal(llm_signal(rating_prompt("test_rating_block"), "openai:judge-block"), data, llm_batch_of)
+        assert ref.computed == 3 and server.completions == 3 and server.authorizations[-1] == f"Bearer {secret}"
+        assert secret not in repr(get_llm("openai:judge-block")) and secret not in str(ref)
+        monkeypatch.setenv("SFT_SELECT_OPENAI_KEY_BLOCK", "no-such-block")
+        settings.cache_clear()
+        with pytest.raises(ValueError, match="no-such-block"):
+            get_llm("openai:judge-block")

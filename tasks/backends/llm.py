@@ -540,9 +540,24 @@ def get_llm(spec: str | None = None) -> LLM:
         if at and endpoint != configured:
             raise ValueError(f"{spec} was made on the server {endpoint!r}, but OPENAI_BASE_URL points at "
                              f"{configured!r} (set SFT_SELECT_OPENAI_ENDPOINT={endpoint} if it serves the same model)")
-        return _openai(model or s.openai_model, s.openai_base_url, s.openai_api_key, s.openai_max_concurrency,
+        return _openai(model or s.openai_model, s.openai_base_url, api_key(), s.openai_max_concurrency,
                        s.openai_rpm, s.openai_tpm, s.openai_timeout_s, s.openai_price_per_mtok, configured)
     raise ValueError(f"unknown LLM backend {spec!r}: use 'local', 'local:<model>' or 'openai:<model>'")
+
+
+def api_key() -> SecretStr | None:
+    """The OpenAI-compatible server's key: from the Prefect Secret block named by
+    ``SFT_SELECT_OPENAI_KEY_BLOCK`` when one is named, else ``OPENAI_API_KEY``."""
+    s = settings()
+    if s.openai_key_block:
+        from prefect.blocks.system import Secret
+
+        try:
+            return SecretStr(str(Secret.load(s.openai_key_block).get()))
+        except ValueError as e:  # no such block
+            raise ValueError(f"SFT_SELECT_OPENAI_KEY_BLOCK names the Secret block {s.openai_key_block!r}, which the "
+                             f"Prefect server does not have ({e})") from None
+    return s.openai_api_key
 
 
 @lru_cache(maxsize=4)
@@ -558,4 +573,4 @@ def _openai(model: str, base_url: str | None, api_key: SecretStr | None, max_con
                       timeout_s=timeout_s, price_per_mtok=price_per_mtok, endpoint=endpoint)
 
 
-__all__ = ["Breaker", "ChatResult", "LLM", "LocalChat", "OpenAIChat", "RateLimiter", "endpoint_of", "get_llm", "retry_after_s", "usage_of"]
+__all__ = ["Breaker", "ChatResult", "LLM", "LocalChat", "OpenAIChat", "RateLimiter", "api_key", "endpoint_of", "get_llm", "retry_after_s", "usage_of"]
