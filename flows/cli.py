@@ -235,6 +235,27 @@ def export(
         typer.echo(json.dumps({path.stem: entry}, indent=2))
 
 
+def _plan(flow, params) -> tuple[list[dict], str | None]:
+    """A method's dry run: what its signals would compute and pay, and where it stopped (a later
+    stage that needs the planned values, or a fine-tune), if before its end."""
+    from sft_select.storage import NotFilled
+    from sft_select.tasks.core import dry_run
+
+    with dry_run() as plan:
+        try:
+            flow(params)
+        except NotFilled as e:
+            stopped = None if "saves no selection" in str(e) else str(e)
+    return plan.rows, stopped
+
+
+def _print_plan(rows: list[dict], stopped: str | None) -> None:
+    _print(pl.DataFrame(rows), "No model signal to compute: everything this run needs is stored.")
+    if stopped:
+        typer.echo(f"(the dry run stopped where values it did not compute are needed, so later steps, if they cost "
+                   f"anything, are not counted: {stopped})")
+
+
 @app.command()
 def methods() -> None:
     """List the selection methods: family, paper and what each does (`run METHOD --help`: its parameters)."""
@@ -253,6 +274,8 @@ def run(
     budget: Annotated[float | None, typer.Option(help="Count (>= 1) or fraction (< 1).")] = 0.1,
     judge: Annotated[str | None, typer.Option(help="LLM for judge methods: local, local:MODEL, openai:MODEL.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Other parameters, KEY=VALUE (JSON values).")] = None,
+    dry: Annotated[bool, typer.Option("--dry-run", help="Print the model calls, tokens and cost the run would pay "
+                                                     "(what the store lacks), and stop before paying.")] = False,
     help_: Annotated[bool, typer.Option("--help", "-h", help="Show this message and, with METHOD, its parameters.")]
     = False,
 ) -> None:
@@ -283,6 +306,9 @@ def run(
         values.update(_assignments(set_))
         params = _validate(model, values, method)
         _store().datasets.get(dataset, params.dataset_version)  # before a Prefect server starts for nothing
+        if dry:
+            _print_plan(*_plan(flow, params))
+            return
         ref = flow(params)
     except (KeyError, ValueError) as e:
         _fail(e)
@@ -330,6 +356,8 @@ def compare(
     seed: Annotated[int, typer.Option(help="Seed of every method that samples.")] = 0,
     full_data: Annotated[bool, typer.Option(help="Add the full-data baseline (fine-tune on the whole pool).")] = True,
     base_row: Annotated[bool, typer.Option(help="Also evaluate the base model without fine-tuning.")] = True,
+    dry: Annotated[bool, typer.Option("--dry-run", help="Print what each method's selection would compute and pay, "
+                                                     "and stop before paying.")] = False,
 ) -> None:
     """Select with every method at one budget, fine-tune the same base on each selection, evaluate,
     and print the leaderboard (artifacts in Prefect, files under SFT_SELECT_HOME/reports)."""
@@ -356,6 +384,15 @@ def compare(
                     for s in suites.split(",") if s.strip()],
             eval_dir=str(eval_dir.expanduser().resolve()) if eval_dir else None)
         _quiet_run_failures()
+        if dry:
+            from sft_select.flows.compare import method_params, with_baselines
+
+            for run in with_baselines(params.methods):
+                rows, stopped = _plan(load_flow(run.method), method_params(run, params))
+                typer.echo(f"{run.name}:")
+                _print_plan(rows, stopped)
+            typer.echo("(not counted: fine-tuning and evaluating each selection, and the calls of judge suites)")
+            return
         result = compare_flow(params)
     except (KeyError, ValueError, FileNotFoundError) as e:
         _fail(e)

@@ -15,9 +15,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from sft_select.storage import write_examples
+from sft_select.storage import NotFilled, write_examples
 from sft_select.storage.formats import SUFFIX
-from sft_select.tasks.core import DatasetRef, SignalRef, get_store
+from sft_select.tasks.core import DatasetRef, SignalRef, get_store, planning
 from sft_select.tasks.report import (cost_table, histogram_rows, publish_markdown, publish_table, shorten, stats,
                                      stats_rows)
 from sft_select.tasks.select import resolve_budget
@@ -81,6 +81,8 @@ def finish(method: str, params: MethodParams, dataset: DatasetRef, selection: pl
            signals: Sequence[SignalRef] = ()) -> SelectionRef:
     """Save the ordered selection (``uid, score, reason``), export the chosen examples as a training
     file, and publish the selection's statistics next to the pool's and a summary with signal costs."""
+    if planning() is not None:
+        raise NotFilled(f"{method}: a dry run saves no selection")
     store = get_store()
     info = store.datasets.get(dataset.name, dataset.version)
     run_id = flow_run.get_id()

@@ -20,7 +20,7 @@ from .catalog import Catalog, CatalogBusy
 from .datasets import DatasetInfo, DatasetStore, SelectionStore, check_name, fingerprint
 from .examples import SCHEMA, make_example, uid_of
 from .formats import FORMATS, WRITE_FORMATS, InputError, ReadResult, read_examples, write_examples
-from .signals import BatchResult, FillAborted, FillReport, Outcome, Signal, SignalStore
+from .signals import BatchResult, FillAborted, FillReport, NotFilled, Outcome, Signal, SignalStore
 
 
 class Store:
@@ -36,6 +36,7 @@ class Store:
 
 __all__ = [
     "FORMATS", "SCHEMA", "WRITE_FORMATS", "BatchResult", "Catalog", "CatalogBusy", "DatasetInfo", "DatasetStore",
-    "FillAborted", "FillReport", "InputError", "Outcome", "ReadResult", "SelectionStore", "Signal", "SignalStore", "Store",
+    "FillAborted", "FillReport", "InputError", "NotFilled", "Outcome", "ReadResult", "SelectionStore", "Signal",
+    "SignalStore", "Store",
     "check_name", "fingerprint", "make_example", "read_examples", "uid_of", "write_examples",
 ]

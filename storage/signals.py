@@ -124,6 +124,11 @@ class FillReport:
     usage: dict[str, float] = field(default_factory=dict)
 
 
+class NotFilled(RuntimeError):
+    """A value was read from a signal that a dry run only planned (see :attr:`SignalStore.planned`):
+    the run stops there, since what follows depends on values that were not paid for."""
+
+
 class FillAborted(RuntimeError):
     """The compute function's service failed (see :attr:`BatchResult.abort`); every batch before,
     and what this one got, is on disk. ``report`` says what the fill did until then."""
@@ -140,6 +145,12 @@ class SignalStore:
     def __init__(self, root: str | Path, catalog: Catalog):
         self.root = Path(root)
         self.catalog = catalog
+        # ids of signals a dry run planned instead of filling: reading one raises NotFilled
+        self.planned: set[str] = set()
+
+    def _filled(self, signal: Signal) -> None:
+        if signal.id in self.planned:
+            raise NotFilled(f"{signal.id} was planned, not computed (a dry run stops where its values are needed)")
 
     def get(self, signal_id: str) -> Signal:
         """The signal the catalog knows by ``signal_id`` (or by a prefix naming one signal)."""
@@ -345,6 +356,7 @@ class SignalStore:
         """One row per uid: ``uid, value, raw, error, final, attempts``; the newest value where one exists,
         else the newest error since the uid's last reset. With ``uids``, rows for those uids (absent
         ones are left out)."""
+        self._filled(signal)
         scan = self._rows(signal)
         schema = {"uid": pl.String, "value": VALUE_DTYPES[signal.kind], "raw": pl.String, "error": pl.String,
                   "final": pl.Boolean, "attempts": pl.UInt32}
@@ -368,6 +380,7 @@ class SignalStore:
 
         Parts are read one at a time and scattered into the preallocated matrix (newer parts
         overwrite older ones), so the peak memory is the matrix plus one part."""
+        self._filled(signal)
         wanted = pl.DataFrame({"uid": pl.Series(uids, dtype=pl.String)}).with_row_index("row")
         matrix: np.ndarray | None = None
         present = np.zeros(wanted.height, dtype=bool)
@@ -394,6 +407,7 @@ class SignalStore:
     def values(self, signal: Signal, uids: Sequence[str] | pl.Series, alias: str | None = None) -> pl.DataFrame:
         """``uid`` and the value column (named ``alias`` or the signal name) for the given uids, in
         their order; null where there is no value (never computed, or failed)."""
+        self._filled(signal)
         wanted = pl.LazyFrame({"uid": pl.Series(uids, dtype=pl.String)})
         scan = self._scan(signal)
         if scan is None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 import polars as pl
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from sft_select.settings import settings
@@ -71,6 +73,42 @@ class SignalRef(BaseModel):
     usage: dict[str, float] = {}
 
 
+class DryRun:
+    """What a run would pay, collected instead of paying it (``sft-select run --dry-run``): while
+    :func:`dry_run` is active, every signal fill records the examples it lacks, the model calls and
+    an estimate of the tokens and cost, and plans the signal instead of filling it; the run stops
+    where a planned value is first needed (``NotFilled``) or before anything is saved."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, signal: Signal, examples: int, missing: int, estimate: dict[str, float]) -> None:
+        self.rows.append({"signal": signal.id, "model": signal.model, "examples": examples, "stored": examples - missing,
+                          "to_compute": missing, "calls": int(estimate.get("calls", 0)),
+                          "tokens (est.)": int(estimate.get("prompt_tokens", 0) + estimate.get("completion_tokens", 0)),
+                          "cost_usd (est.)": round(estimate.get("cost_usd", 0.0), 4)})
+
+
+_DRY_RUN: DryRun | None = None
+
+
+@contextmanager
+def dry_run() -> Iterator[DryRun]:
+    """Collect what the runs inside would pay, instead of paying it (see :class:`DryRun`)."""
+    global _DRY_RUN
+    _DRY_RUN, store = DryRun(), get_store()
+    try:
+        yield _DRY_RUN
+    finally:
+        _DRY_RUN = None
+        store.signals.planned.clear()
+
+
+def planning() -> DryRun | None:
+    """The active dry run, if any: expensive steps that are not signals stop with ``NotFilled``."""
+    return _DRY_RUN
+
+
 class SignalIncomplete(RuntimeError):
     """Some examples failed and may still be retried; raised after every batch is on disk so that
     Prefect's task retry (or a re-run) picks up exactly those."""
@@ -86,15 +124,27 @@ def fill_signal(
     order_by: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
     examples: pl.DataFrame | None = None,
     progress: Callable[[int, int], None] | None = None,
+    estimate: Callable[[Signal, pl.DataFrame], dict[str, float]] | None = None,
 ) -> SignalRef:
     """Plain function: compute ``signal`` for the dataset's examples that lack it, batch by batch.
 
     ``build(signal)`` returns the batch function; it is called only when something is missing, so
     a fully reused signal never loads a model. A failure of the service (``FillAborted``) is raised
-    as it is: the run stops, and no example was charged an attempt.
+    as it is: the run stops, and no example was charged an attempt. Under :func:`dry_run` nothing is
+    computed: the missing examples and ``estimate(signal, missing rows)`` (calls, tokens, cost) are
+    recorded and the signal is planned.
     """
     store = get_store()
     examples = dataset.read() if examples is None else examples
+    if _DRY_RUN is not None:
+        unique = examples.unique("uid", maintain_order=True)
+        missing = store.signals.missing(signal, unique["uid"], max_attempts)
+        rows = unique.filter(pl.col("uid").is_in(missing))
+        _DRY_RUN.add(signal, unique.height, rows.height, estimate(signal, rows) if estimate and rows.height else {})
+        if missing:
+            store.signals.planned.add(signal.id)
+        return SignalRef(signal_id=signal.id, name=signal.name, fingerprint=dataset.fingerprint, rows=unique.height,
+                         computed=0, reused=unique.height - rows.height, errors=0)
     compute: Compute | None = None
 
     def lazy(batch: pl.DataFrame):
@@ -152,7 +202,8 @@ def progress_artifact(description: str, unit: str = "examples") -> Callable[[int
 
 def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: int = 32, max_attempts: int = 3,
                 order_by: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
-                retry_delay_seconds: list[float] | None = None):
+                retry_delay_seconds: list[float] | None = None,
+                estimate: Callable[[Signal, pl.DataFrame], dict[str, float]] | None = None):
     """Make a Prefect task ``(signal, dataset) -> SignalRef`` from a batch-function builder.
 
     The task is idempotent by construction (it fills what is missing, so a second run pays for
@@ -171,6 +222,6 @@ def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: in
             log.info(bar(done, total))
 
         return fill_signal(signal, dataset, build, batch_size=batch_size, max_attempts=max_attempts,
-                           order_by=order_by, progress=progress)
+                           order_by=order_by, progress=progress, estimate=estimate)
 
     return run

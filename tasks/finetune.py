@@ -44,10 +44,10 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from sft_select.settings import settings
-from sft_select.storage import fingerprint
+from sft_select.storage import NotFilled, fingerprint
 from sft_select.tasks.backends.lm import ALPACA_PREAMBLE, ALPACA_RESPONSE
 from sft_select.tasks.backends.models import causal_lm_path, finetuned_dir, load_causal_lm
-from sft_select.tasks.core import progress_artifact
+from sft_select.tasks.core import planning, progress_artifact
 
 log = logging.getLogger("sft_select")
 
@@ -282,6 +282,8 @@ def finetune(examples: pl.DataFrame, base: str = "smollm2-135m-instruct", recipe
             log.info("fine-tuned model %s found in the cache", key)
             rebase_adapter(out, base)
             return FinetunedRef.model_validate_json((out / FINISHED).read_text())
+        if planning() is not None:
+            raise NotFilled(f"fine-tuning {base} on {examples.height} examples: a dry run stops before training")
         ref = _train(examples, base, recipe, key, out, progress)
     return ref
 

@@ -157,7 +157,18 @@ def llm_batch_of(signal: Signal) -> Compute:
     return llm_batch(prompt_of(signal), get_llm(str(signal.params["model"])))
 
 
-score_with_llm = signal_task("score_with_llm", llm_batch_of, batch_size=32)
+def estimate_llm(signal: Signal, rows: pl.DataFrame) -> dict[str, float]:
+    """What judging ``rows`` would cost: one call each, prompt tokens estimated as characters / 4,
+    completion tokens at most ``max_tokens``, priced where the backend has a price."""
+    prompt, llm = prompt_of(signal), get_llm(str(signal.params["model"]))
+    prompt_tokens = sum(len(m["content"]) for row in rows.iter_rows(named=True) for m in prompt.render(row)) / 4
+    completion_tokens = float(prompt.max_tokens * rows.height)
+    price = getattr(llm, "price_per_mtok", None) or (0.0, 0.0)
+    return {"calls": float(rows.height), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "cost_usd": (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6}
+
+
+score_with_llm = signal_task("score_with_llm", llm_batch_of, batch_size=32, estimate=estimate_llm)
 """Prefect task ``(signal, dataset) -> SignalRef``: fill an :func:`llm_signal` for a dataset."""
 
 
@@ -275,5 +286,5 @@ def parse_expected_score(raw: str) -> float:
 
 
 __all__ = ["PROMPTS", "Prompt", "chat_signal", "conversation_uid", "expected_score", "first_number", "llm_batch",
-           "llm_batch_of", "llm_signal", "parse_expected_score", "prompt_of", "reparse", "reparse_newest",
+           "llm_batch_of", "llm_signal", "parse_expected_score", "estimate_llm", "prompt_of", "reparse", "reparse_newest",
            "score_with_llm", "service_failure", "stored_chat"]
