@@ -55,7 +55,7 @@ from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.lm import Template, example_losses
 from sft_select.tasks.backends.llm import get_llm
-from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.backends.models import load_causal_lm, model_identity
 from sft_select.tasks.cluster import cluster_kmeans
 from sft_select.tasks.core import DatasetRef, SignalRef, fill_signal, get_store
 from sft_select.tasks.embed import embed, embed_signal
@@ -115,8 +115,9 @@ def prompt_uncertainty_signal(model: str, *, target: Target = "prediction", temp
     """``prompt_uncertainty`` of an example: mean over perturbations of ``|p(y|x_k) - p(y|x)|``.
     Reads ``messages``, ``instruction``, ``input`` (and ``output`` for ``target="reference"``);
     writes one float; ``raw`` holds the prediction and the probabilities."""
-    params: dict[str, Any] = {"model": model, "target": target, "template": template, "perturbations": perturbations,
-                              "drop_prob": drop_prob, "seed": seed, "max_length": max_length, "precision": precision}
+    params: dict[str, Any] = {"model": model_identity(model), "target": target, "template": template,
+                              "perturbations": perturbations, "drop_prob": drop_prob, "seed": seed,
+                              "max_length": max_length, "precision": precision}
     if target == "prediction":
         params["max_new_tokens"] = max_new_tokens
     return Signal("prompt_uncertainty", params, version="1", kind="float")

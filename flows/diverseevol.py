@@ -46,8 +46,8 @@ from sft_select.storage.signals import Compute
 from sft_select.tasks.cluster import select_kcenter
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store, signal_task
 from sft_select.tasks.embed import build_embed, embed_signal
-from sft_select.tasks.backends.models import FINETUNED
-from sft_select.tasks.finetune import FINISHED, FinetunedRef, Recipe, base_identity, finetune_task, finetuned_dir
+from sft_select.tasks.backends.models import FINETUNED, model_identity
+from sft_select.tasks.finetune import FINISHED, FinetunedRef, Recipe, finetune_task, finetuned_dir
 from sft_select.tasks.lm_loss import by_length
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget
@@ -90,7 +90,7 @@ class Round(BaseModel):
 def round_inputs(dataset: DatasetRef, selected: list[str], base: str, recipe: Recipe, max_tokens: int,
                  add: int) -> dict[str, Any]:
     """Everything a round's outcome depends on, as content."""
-    return {"dataset": dataset.fingerprint, "selected": fingerprint(selected), "base": base_identity(base),
+    return {"dataset": dataset.fingerprint, "selected": fingerprint(selected), "base": model_identity(base),
             "recipe": recipe.hash(), "max_tokens": max_tokens, "add": add}
 
 
@@ -166,6 +166,7 @@ def diverseevol(params: DiverseEvolParams) -> SelectionRef:
     print(f"diverseevol: {selection.height} of {dataset.rows} examples after {len(done)} rounds "
           f"({sum(r.reused for r in done)} reused)")
     return finish("diverseevol", params, dataset, selection, signals)
+
 
 if __name__ == "__main__":
     import sys

@@ -67,7 +67,7 @@ from sft_select.settings import settings
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.lm import Template, answer_losses, encode_many, render
-from sft_select.tasks.backends.models import FINETUNED, load_causal_lm
+from sft_select.tasks.backends.models import FINETUNED, load_causal_lm, model_identity
 from sft_select.tasks.cluster import cluster_kmeans
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store, signal_task
 from sft_select.tasks.embed import embed, embed_signal
@@ -91,7 +91,7 @@ def prompt_loss_signal(model: str, *, template: Template = "alpaca", max_length:
     """``prompt_loss`` = mean cross-entropy of the rendered prompt's own tokens, each predicted from
     the ones before it (the first from BOS); the instruction perplexity is ``exp(prompt_loss)``.
     Reads ``messages``, ``instruction``, ``input``; writes one float."""
-    return Signal("prompt_loss", {"model": model, "template": template, "max_length": max_length,
+    return Signal("prompt_loss", {"model": model_identity(model), "template": template, "max_length": max_length,
                                   "precision": precision}, version="1", kind="float")
 
 

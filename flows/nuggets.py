@@ -60,7 +60,7 @@ from sft_select.settings import settings
 from sft_select.storage import BatchResult, Outcome, Signal, fingerprint
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.lm import Encoded, answer_losses, encode_many, render
-from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.backends.models import load_causal_lm, model_identity
 from sft_select.tasks.cluster import cluster_kmeans
 from sft_select.tasks.core import DatasetRef, get_store, signal_task
 from sft_select.tasks.embed import embed, embed_signal
@@ -118,7 +118,7 @@ def golden_score_signal(model: str, anchor_uids: Sequence[str], *, template: Nug
                         max_length: int = 512, precision: Precision = "float32") -> Signal:
     """``golden_score`` of a candidate against one anchor set (its fingerprint is a parameter).
     Reads ``messages``, ``instruction``, ``input``; writes one float in [0, 1]."""
-    return Signal("golden_score", {"model": model, "template": template, "max_length": max_length,
+    return Signal("golden_score", {"model": model_identity(model), "template": template, "max_length": max_length,
                                    "precision": precision, "anchors": fingerprint(list(anchor_uids)),
                                    "n_anchors": len(set(anchor_uids))}, version="1", kind="float")
 

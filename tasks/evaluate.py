@@ -60,10 +60,10 @@ from sft_select.storage import derived_key, read_examples
 from sft_select.tasks import ifeval
 from sft_select.tasks.backends.lm import example_losses
 from sft_select.tasks.backends.llm import LLM, ChatResult, LocalChat, get_llm
-from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.backends.models import FINETUNED, load_causal_lm, model_identity
 from sft_select.tasks.core import get_store
 from sft_select.tasks.derived import derived_cache_key
-from sft_select.tasks.finetune import FINISHED, FinetunedRef, base_identity, finetuned_dir
+from sft_select.tasks.finetune import FINISHED, FinetunedRef, finetuned_dir
 from sft_select.tasks.llm import stored_chat
 
 log = logging.getLogger("sft_select")
@@ -140,7 +140,7 @@ class EvaluationRef(BaseModel):
 
 
 def model_id(model: Model) -> str:
-    return f"finetuned:{model.key}" if isinstance(model, FinetunedRef) else base_identity(model)
+    return FINETUNED + model.key if isinstance(model, FinetunedRef) else model_identity(model)
 
 
 def model_path(model: Model) -> str:

@@ -25,7 +25,7 @@ from sft_select.settings import settings
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.lm import Template, example_losses
-from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.backends.models import load_causal_lm, model_identity
 from sft_select.tasks.core import signal_task
 
 Precision = Literal["float32", "bfloat16"]
@@ -37,7 +37,7 @@ def lm_loss_signal(model: str | None = None, *, conditioned: bool = True, templa
     """The ``lm_loss`` signal for these parameters (``model`` defaults to ``settings().local_llm``).
     ``precision="bfloat16"`` runs under bf16 autocast: faster on recent CPUs and GPUs, values
     differ from float32 in the third digit, hence a different signal."""
-    return Signal("lm_loss", {"model": model or settings().local_llm, "conditioned": conditioned,
+    return Signal("lm_loss", {"model": model_identity(model or settings().local_llm), "conditioned": conditioned,
                               "template": template, "max_length": max_length, "precision": precision},
                   version=VERSION, kind="float")
 
