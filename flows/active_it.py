@@ -291,9 +291,3 @@ def active_it(params: ActiveITParams) -> SelectionRef:
     print(f"active_it: {selection.height} of {dataset.rows} examples from {taken.height} of {scores.height} tasks "
           f"({params.task_key}); {dataset.rows - tasks.height} examples without a task left out")
     return finish("active_it", params, dataset, selection, signals)
-
-
-if __name__ == "__main__":
-    import sys
-
-    active_it(ActiveITParams(dataset=sys.argv[1], task_key=sys.argv[2] if len(sys.argv) > 2 else "category"))

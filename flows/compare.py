@@ -489,8 +489,3 @@ def publish(params: CompareParams, dataset: DatasetRef, m: int, suites: list[Sui
           f"report: {stem}.md")
     return CompareResult(dataset=where, pool=dataset.rows, budget=m, rows=rows, report=f"{stem}.md",
                          csv=f"{stem}.csv", chart=f"{stem}.svg")
-
-if __name__ == "__main__":
-    import sys
-
-    compare(CompareParams(dataset=sys.argv[1], eval_dir=sys.argv[2] if len(sys.argv) > 2 else None))

@@ -166,9 +166,3 @@ def diverseevol(params: DiverseEvolParams) -> SelectionRef:
     print(f"diverseevol: {selection.height} of {dataset.rows} examples after {len(done)} rounds "
           f"({sum(r.reused for r in done)} reused)")
     return finish("diverseevol", params, dataset, selection, signals)
-
-
-if __name__ == "__main__":
-    import sys
-
-    diverseevol(DiverseEvolParams(dataset=sys.argv[1]))

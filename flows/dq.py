@@ -185,8 +185,3 @@ def dq(params: DQParams) -> SelectionRef:
     print(f"dq: {selection.height} of {dataset.rows} examples, {m // bins.k}-{-(-m // bins.k)} from each of "
           f"{bins.k} bins" + (f"; {bins.missing} examples without an embedding left out" if bins.missing else ""))
     return finish("dq", params, dataset, selection, [embedded])
-
-if __name__ == "__main__":
-    import sys
-
-    dq(DQParams(dataset=sys.argv[1], budget=float(sys.argv[2]) if len(sys.argv) > 2 else 0.1))

@@ -247,9 +247,3 @@ def ifd(params: IFDParams) -> SelectionRef:
                   f"IFD ({variant}, {scorer}) on {dataset.name}@{dataset.version}")
     print(f"ifd ({variant}): {selection.height} of {dataset.rows} kept; " + json.dumps(counts))
     return finish("ifd", params, dataset, selection, signals)
-
-
-if __name__ == "__main__":
-    import sys
-
-    ifd(IFDParams(dataset=sys.argv[1], variant=sys.argv[2] if len(sys.argv) > 2 else "cherry"))

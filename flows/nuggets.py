@@ -199,9 +199,3 @@ def nuggets(params: NuggetsParams) -> SelectionRef:
     print(f"nuggets: {selection.height} of {dataset.rows} kept; {len(anchor_uids)} anchors; "
           f"{scored.computed} scored now, {scored.reused} reused, {scored.errors} errors")
     return finish("nuggets", params, dataset, selection, [embedded, scored])
-
-
-if __name__ == "__main__":
-    import sys
-
-    nuggets(NuggetsParams(dataset=sys.argv[1], budget=float(sys.argv[2]) if len(sys.argv) > 2 else 0.01))
