@@ -51,3 +51,9 @@ def test_a_changed_model_folder_gets_a_new_identity_and_never_reuses_old_values(
 def test_an_identity_this_process_has_not_seen_cannot_be_loaded():
     with pytest.raises(RuntimeError, match="pass the folder itself"):
         causal_lm_path("folder:" + "0" * 32)
+
+
+def test_signals_of_the_embedded_defaults_keep_their_ids():
+    """Store compatibility: values computed before models were named by content are found again."""
+    assert lm_loss_signal("smollm2-135m-instruct").id == "lm_loss.9f1c1c7b8c198d33"
+    assert embed_signal("all-MiniLM-L6-v2").id == "embed.d3d3b968aec7798f"
