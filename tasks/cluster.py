@@ -23,6 +23,7 @@ parameters; never on a path.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -33,6 +34,7 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 from sft_select.storage import Signal
+from sft_select.storage.signals import canonical_json
 from sft_select.tasks.core import DatasetRef, get_store
 from sft_select.tasks.derived import derived_cache_key
 from sft_select.tasks.embed import load_vectors
@@ -234,7 +236,8 @@ def _kmeans_inputs(signal: Signal, dataset: DatasetRef, k: int, seed: int = 0, n
 
 def _kcenter_inputs(signal: Signal, dataset: DatasetRef, m: int, seed_uids: list[str] | None = None,
                     seed: int = 0) -> dict[str, Any]:
-    return vector_inputs(signal, dataset, m=m, seed_uids=seed_uids, seed=seed)
+    ordered = hashlib.sha256(canonical_json(seed_uids or []).encode()).hexdigest()[:32]  # seeds' order matters
+    return vector_inputs(signal, dataset, m=m, seed_uids=ordered, seed=seed)
 
 
 def _kmeans_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:

@@ -299,7 +299,7 @@ def test_api_key_never_leaks(store, openai_env, prefect_api, caplog, home):
     assert store.signals.read(other)["error"].str.starts_with("llm: HTTP 401").all()
 
     texts = [caplog.text, repr(get_llm("openai:judge-secret")), str(get_llm("openai:judge-secret").__dict__)]
-    for table in ("datasets", "signals", "signal_parts", "selections", "evaluations"):
+    for table in ("datasets", "signals", "signal_parts", "selections", "evaluations", "derived"):
         texts.append(store.catalog.query(f"SELECT * FROM {table}").write_csv())
     for part in (store.home / "signals").rglob("*.parquet"):
         texts.append(pl.read_parquet(part).write_csv())
