@@ -37,162 +37,22 @@ Deviations:
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import re
-from collections.abc import Mapping
-from typing import Any, Literal
 
-import numpy as np
 import polars as pl
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from pydantic import Field, model_validator
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.settings import settings
-from sft_select.storage import BatchResult, Outcome, Signal
-from sft_select.storage.signals import Compute
-from sft_select.tasks.backends.lm import Template, example_losses
-from sft_select.tasks.backends.llm import get_llm
-from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.backends.lm import Template
 from sft_select.tasks.cluster import cluster_kmeans
-from sft_select.tasks.core import DatasetRef, SignalRef, fill_signal, get_store
+from sft_select.tasks.core import DatasetRef, SignalRef, get_store
 from sft_select.tasks.embed import embed, embed_signal
-from sft_select.tasks.lm_loss import Precision, by_length
+from sft_select.tasks.lm_loss import Precision
+from sft_select.tasks.prompt_uncertainty import Target, probe_uncertainty, prompt_uncertainty_signal
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget
-
-Target = Literal["prediction", "reference"]
-_WORD = re.compile(r"\S+\s*")
-
-
-# -- perturbing an instruction ------------------------------------------------------------------------------
-
-
-def drop_words(text: str, p: float, rng: np.random.Generator) -> str:
-    """``text`` with each whitespace-separated word dropped with probability ``p`` (a dropped word
-    takes the whitespace after it along); with ``p = 0`` the text comes back unchanged."""
-    words = _WORD.findall(text)
-    keep = rng.random(len(words)) >= p
-    return "".join(w for w, k in zip(words, keep) if k).strip()
-
-
-def with_instruction(row: Mapping[str, Any], instruction: str) -> dict[str, Any]:
-    """The example with its instruction replaced: the start of the last user turn (an Alpaca
-    ``input`` after it stays as it is), or the whole turn when it does not start with it."""
-    messages = [dict(m) for m in row["messages"]]
-    turn = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    content, original = messages[turn]["content"], row["instruction"]
-    rest = content[len(original):] if original and content.startswith(original) else ""
-    messages[turn]["content"] = instruction + rest
-    return {**row, "messages": messages, "instruction": instruction}
-
-
-def prompt_turns(row: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The turns before the final answer."""
-    messages = row["messages"]
-    return [dict(m) for m in (messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages)]
-
-
-def with_answer(row: Mapping[str, Any], answer: str) -> dict[str, Any]:
-    """The example with ``answer`` as its final assistant turn."""
-    return {**row, "messages": [*prompt_turns(row), {"role": "assistant", "content": answer}]}
-
-
-def _rng(seed: int, uid: str) -> np.random.Generator:
-    """One generator per example, so its perturbations do not depend on the batch it is in."""
-    return np.random.default_rng([seed, int(uid[:15], 16)])
-
-
-# -- the signal --------------------------------------------------------------------------------------------------
-
-
-def prompt_uncertainty_signal(model: str, *, target: Target = "prediction", template: Template = "chat",
-                              perturbations: int = 10, drop_prob: float = 0.2, seed: int = 0,
-                              max_new_tokens: int = 128, max_length: int = 1024,
-                              precision: Precision = "float32") -> Signal:
-    """``prompt_uncertainty`` of an example: mean over perturbations of ``|p(y|x_k) - p(y|x)|``.
-    Reads ``messages``, ``instruction``, ``input`` (and ``output`` for ``target="reference"``);
-    writes one float; ``raw`` holds the prediction and the probabilities."""
-    params: dict[str, Any] = {"model": model, "target": target, "template": template, "perturbations": perturbations,
-                              "drop_prob": drop_prob, "seed": seed, "max_length": max_length, "precision": precision}
-    if target == "prediction":
-        params["max_new_tokens"] = max_new_tokens
-    return Signal("prompt_uncertainty", params, version="1", kind="float")
-
-
-def build_prompt_uncertainty(signal: Signal, token_budget: int = 8192) -> Compute:
-    """The batch function of a ``prompt_uncertainty`` signal: (greedy predictions,) then every
-    example's original and perturbed prompts scored in one batched pass of the loss engine.
-    Identical prompts are scored once, so an unchanged perturbation gives exactly 0."""
-    p = signal.params
-    model, tokenizer = load_causal_lm(p["model"])
-    chat = get_llm(f"local:{p['model']}") if p["target"] == "prediction" else None
-
-    def compute(batch: pl.DataFrame) -> BatchResult:
-        rows = batch.select("uid", "messages", "instruction", "input", "output").to_dicts()
-        failed = {i: Outcome(error="no user turn to perturb", final=True)
-                  for i, r in enumerate(rows) if not any(m["role"] == "user" for m in r["messages"])}
-        targets = [r["output"] for r in rows]
-        usage: dict[str, float] = {}
-        if chat is not None:
-            results = chat.chat([prompt_turns(r) for r in rows], temperature=0.0, max_tokens=p["max_new_tokens"])
-            usage = {"completion_tokens": float(sum(r.completion_tokens for r in results))}
-            targets = [r.text or "" for r in results]
-            for i, r in enumerate(results):
-                if i in failed:
-                    continue
-                if r.error:
-                    failed[i] = Outcome(error=f"prediction failed: {r.error}")
-                elif not targets[i]:
-                    failed[i] = Outcome(error="the model's prediction is empty", final=True)
-
-        scored: list[dict[str, Any]] = []
-        index: dict[tuple[int, str], int] = {}
-        variants: list[list[int]] = []
-        for i, row in enumerate(rows):
-            if i in failed:
-                variants.append([])
-                continue
-            rng = _rng(p["seed"], row["uid"])
-            texts = [row["instruction"]] + [drop_words(row["instruction"], p["drop_prob"], rng)
-                                            for _ in range(p["perturbations"])]
-            for text in texts:
-                if (i, text) not in index:
-                    index[(i, text)] = len(scored)
-                    scored.append(with_answer(with_instruction(row, text), targets[i]))
-            variants.append([index[(i, text)] for text in texts])
-        losses = example_losses(model, tokenizer, scored, template=p["template"], max_length=p["max_length"],
-                                token_budget=token_budget, bf16=p["precision"] == "bfloat16")
-
-        outcomes = []
-        for i, slots in enumerate(variants):
-            if i in failed:
-                outcomes.append(failed[i])
-                continue
-            errors = [losses[s].error for s in slots if losses[s].error]
-            if errors:
-                outcomes.append(Outcome(error=errors[0], final=True))
-                continue
-            probs = [math.exp(-losses[s].loss) for s in slots]
-            raw = {"p_original": probs[0], "p_perturbed": probs[1:]}
-            if chat is not None:
-                raw["prediction"] = targets[i]
-            outcomes.append(Outcome(value=float(np.mean(np.abs(np.subtract(probs[1:], probs[0])))),
-                                    raw=json.dumps(raw, ensure_ascii=False)))
-        usage["prompt_tokens"] = float(sum(r.context_tokens + r.answer_tokens for r in losses))
-        return BatchResult(outcomes, usage)
-
-    return compute
-
-
-@task(name="prompt-uncertainty", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 8])
-def probe_uncertainty(signal: Signal, dataset: DatasetRef, uids: list[str], batch_size: int = 16) -> SignalRef:
-    """Fill the signal for the probed examples only (what is stored already is not computed again)."""
-    examples = dataset.read().join(pl.DataFrame({"uid": uids}, schema={"uid": pl.String}), on="uid", how="semi")
-    return fill_signal(signal, dataset, build_prompt_uncertainty, batch_size=batch_size, examples=examples,
-                       order_by=by_length)
 
 
 # -- tasks and the task-level rule ----------------------------------------------------------------------------
@@ -290,9 +150,3 @@ def active_it(params: ActiveITParams) -> SelectionRef:
     print(f"active_it: {selection.height} of {dataset.rows} examples from {taken.height} of {scores.height} tasks "
           f"({params.task_key}); {dataset.rows - tasks.height} examples without a task left out")
     return finish("active_it", params, dataset, selection, signals)
-
-
-if __name__ == "__main__":
-    import sys
-
-    active_it(ActiveITParams(dataset=sys.argv[1], task_key=sys.argv[2] if len(sys.argv) > 2 else "category"))

@@ -116,9 +116,3 @@ def alpagasus(params: AlpaGasusParams) -> SelectionRef:
     print(f"alpagasus: {selection.height} of {dataset.rows} examples kept ({params.criterion} by {signal.model}; "
           f"{rated.computed} rated now, {rated.reused} reused, {rated.errors} without a rating)")
     return finish("alpagasus", params, dataset, selection, [rated])
-
-
-if __name__ == "__main__":
-    import sys
-
-    alpagasus(AlpaGasusParams(dataset=sys.argv[1], judge=sys.argv[2] if len(sys.argv) > 2 else None))

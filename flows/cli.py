@@ -401,5 +401,11 @@ def compare(
     typer.echo(f"leaderboard: {result.csv}\nreport: {result.report}")
 
 
+@app.command()
+def derived() -> None:
+    """List derived results (clusters, bins, rounds, evaluations, held-out files) with their size."""
+    _print(_store().derived.list().drop("params"), "No derived results yet.")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

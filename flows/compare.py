@@ -153,7 +153,7 @@ class LeaderboardRow(BaseModel):
                                                     "(a resumed run counts from its restart)")
     eval_s: float | None = Field(None, description="wall seconds of all suites when they ran (None: not recorded)")
     details: list[str] = Field(default_factory=list, description="per-item details of each suite, files under "
-                                                                 "<SFT_SELECT_HOME>/evaluations/")
+                                                                 "<SFT_SELECT_HOME>")
 
 
 class CompareResult(BaseModel):
@@ -329,7 +329,6 @@ def paired_difference(ours: pl.DataFrame, theirs: pl.DataFrame, suite: str) -> t
 
 def paired_to_random(rows: list[LeaderboardRow], suites: list[Suite]) -> list[LeaderboardRow]:
     """Each row's headline metrics as paired differences to the random baseline's, item by item."""
-    folder = get_store().home / "evaluations"
     random_row = next((r for r in rows if r.method == "random" and r.details), None)
     if random_row is None:
         return rows
@@ -338,7 +337,7 @@ def paired_to_random(rows: list[LeaderboardRow], suites: list[Suite]) -> list[Le
         diffs = {}
         if row is not random_row and row.details:
             for i, suite in enumerate(suites):
-                ours, theirs = (pl.read_parquet(folder / r.details[i]) for r in (row, random_row))
+                ours, theirs = (pl.read_parquet(get_store().home / r.details[i]) for r in (row, random_row))
                 diffs[headline(suite, suites)[0]] = paired_difference(ours, theirs, suite.suite)
         out.append(row.model_copy(update={"vs_random": diffs}))
     return out
@@ -496,8 +495,3 @@ def publish(params: CompareParams, dataset: DatasetRef, m: int, suites: list[Sui
           f"report: {stem}.md")
     return CompareResult(dataset=where, pool=dataset.rows, budget=m, rows=rows, report=f"{stem}.md",
                          csv=f"{stem}.csv", chart=f"{stem}.svg")
-
-if __name__ == "__main__":
-    import sys
-
-    compare(CompareParams(dataset=sys.argv[1], eval_dir=sys.argv[2] if len(sys.argv) > 2 else None))

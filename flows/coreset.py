@@ -72,9 +72,3 @@ def coreset(params: CoresetParams) -> SelectionRef:
           f"of {dataset.rows}; covering radius {chosen.radius:.4f}"
           + (f"; {chosen.missing} examples without an embedding left out" if chosen.missing else ""))
     return finish("coreset", params, dataset, selection, [embedded])
-
-
-if __name__ == "__main__":
-    import sys
-
-    coreset(CoresetParams(dataset=sys.argv[1], budget=float(sys.argv[2]) if len(sys.argv) > 2 else 0.1))

@@ -15,8 +15,8 @@ Paper defaults: n_0 = 100, 100 per round, 10 rounds (1,100 examples); under 8% o
 the full data. Here ``budget`` (a count or fraction), when set, fixes |S_T| instead: rounds run
 until it is reached and the last round adds what is left (``rounds`` is then ignored).
 
-Resuming: each finished round is written to ``<home>/derived/diverseevol/<key>.json`` with ``key``
-a hash of what the round depends on (the pool's and S_{t-1}'s fingerprints, the base model's
+Resuming: each finished round is a derived result (``<home>/derived/diverseevol-round/<key>.json``)
+keyed on what the round depends on (the pool's and S_{t-1}'s fingerprints, the base model's
 identity, the recipe, the embedding settings and the count to add), so a re-run, or a run that
 was killed, skips finished rounds without loading a model and resumes at the first unfinished one.
 Inside a round, the fine-tune is cached on (selection, base, recipe) and the pool's embeddings are
@@ -31,11 +31,9 @@ are never picked.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import replace
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -48,8 +46,8 @@ from sft_select.storage.signals import Compute
 from sft_select.tasks.cluster import select_kcenter
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store, signal_task
 from sft_select.tasks.embed import build_embed, embed_signal
-from sft_select.tasks.backends.models import FINETUNED
-from sft_select.tasks.finetune import FINISHED, FinetunedRef, Recipe, base_identity, finetune_task, finetuned_dir
+from sft_select.tasks.backends.models import FINETUNED, model_identity
+from sft_select.tasks.finetune import FINISHED, FinetunedRef, Recipe, finetune_task, finetuned_dir
 from sft_select.tasks.lm_loss import by_length
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget
@@ -89,49 +87,34 @@ class Round(BaseModel):
     reused: bool = False
 
 
-def round_key(dataset: DatasetRef, selected: list[str], base: str, recipe: Recipe, max_tokens: int,
-              add: int) -> str:
-    """Hash of everything a round's outcome depends on."""
-    parts = [VERSION, dataset.fingerprint, fingerprint(selected), base_identity(base), recipe.hash(), max_tokens, add]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
-
-
-def _round_path(key: str) -> Path:
-    return get_store().home / "derived" / "diverseevol" / f"{key}.json"
-
-
-def load_round(key: str) -> Round | None:
-    path = _round_path(key)
-    return Round.model_validate_json(path.read_text()).model_copy(update={"reused": True}) if path.exists() else None
-
-
-def save_round(done: Round) -> None:
-    path = _round_path(done.key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(done.model_dump_json(exclude={"reused"}, indent=1))
-    tmp.replace(path)  # written whole or not at all: its presence means the round finished
+def round_inputs(dataset: DatasetRef, selected: list[str], base: str, recipe: Recipe, max_tokens: int,
+                 add: int) -> dict[str, Any]:
+    """Everything a round's outcome depends on, as content."""
+    return {"dataset": dataset.fingerprint, "selected": fingerprint(selected), "base": model_identity(base),
+            "recipe": recipe.hash(), "max_tokens": max_tokens, "add": add}
 
 
 def evolve_round(t: int, dataset: DatasetRef, pool: pl.DataFrame, selected: list[str], add: int, base: str,
                  recipe: Recipe, max_tokens: int) -> tuple[Round, SignalRef | None]:
     """Round t: fine-tune on the selection, embed the pool with that model, add ``add`` examples by
-    k-center greedy from the selection (or read the finished round back). Returns the round and the
-    embedding signal it filled (None for a finished round read back)."""
-    key = round_key(dataset, selected, base, recipe, max_tokens, add)
-    done = load_round(key)
-    if done is not None:
-        return done, None
-    training = pool.join(pl.DataFrame({"uid": selected}), on="uid", how="semi").sort("uid")
-    model = finetune_task(training, base, recipe)
-    signal = finetuned_embed_signal(model, max_tokens)
-    embedded = embed_finetuned(signal, dataset)
-    chosen = select_kcenter(signal, dataset, len(selected) + add, seed_uids=selected)
-    picks = list(zip(chosen.uids[chosen.seeds:], chosen.distances[chosen.seeds:]))[:add]
-    done = Round(round=t, key=key, model=model.key, selected_before=len(selected), added=[u for u, _ in picks],
-                 distances=[float(d) for _, d in picks], radius=chosen.radius)
-    save_round(done)
-    return done, embedded
+    k-center greedy from the selection (or read the finished round back from the derived store).
+    Returns the round and the embedding signal it filled (None for a finished round read back)."""
+    inputs = round_inputs(dataset, selected, base, recipe, max_tokens, add)
+    embedded: SignalRef | None = None
+
+    def compute() -> dict[str, Any]:
+        nonlocal embedded
+        training = pool.join(pl.DataFrame({"uid": selected}), on="uid", how="semi").sort("uid")
+        model = finetune_task(training, base, recipe)
+        signal = finetuned_embed_signal(model, max_tokens)
+        embedded = embed_finetuned(signal, dataset)
+        chosen = select_kcenter(signal, dataset, len(selected) + add, seed_uids=selected)
+        picks = list(zip(chosen.uids[chosen.seeds:], chosen.distances[chosen.seeds:]))[:add]
+        return {"round": t, "model": model.key, "selected_before": len(selected), "added": [u for u, _ in picks],
+                "distances": [float(d) for _, d in picks], "radius": chosen.radius}
+
+    found = get_store().derived.get_or_compute("diverseevol-round", inputs, compute, version=VERSION, fmt="json")
+    return Round(key=found.key, reused=found.reused, **found.read()), embedded
 
 
 class DiverseEvolParams(MethodParams):
@@ -183,9 +166,3 @@ def diverseevol(params: DiverseEvolParams) -> SelectionRef:
     print(f"diverseevol: {selection.height} of {dataset.rows} examples after {len(done)} rounds "
           f"({sum(r.reused for r in done)} reused)")
     return finish("diverseevol", params, dataset, selection, signals)
-
-
-if __name__ == "__main__":
-    import sys
-
-    diverseevol(DiverseEvolParams(dataset=sys.argv[1]))

@@ -33,7 +33,6 @@ embedding failed are in no bin and never chosen.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -45,9 +44,9 @@ from pydantic import BaseModel, Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.storage import Signal
-from sft_select.storage.datasets import atomic_parquet
-from sft_select.tasks.cluster import content_key, dataset_vectors
+from sft_select.tasks.cluster import dataset_vectors, vector_inputs
 from sft_select.tasks.core import DatasetRef, get_store
+from sft_select.tasks.derived import derived_cache_key
 from sft_select.tasks.embed import embed, embed_signal
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget
@@ -123,22 +122,31 @@ class Bins(BaseModel):
         return pl.read_parquet(get_store().home / self.path)
 
 
-def _bins_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return content_key(f"dq-bins-v{VERSION}", parameters)
+def _bins_inputs(signal: Signal, dataset: DatasetRef, k: int, lam: float = 1.0) -> dict[str, Any]:
+    return vector_inputs(signal, dataset, k=k, lam=lam)
+
+
+def _bins_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    return derived_cache_key("dq-bins", _bins_inputs(**parameters), version=VERSION)
 
 
 @task(name="dq-bins", cache_key_fn=_bins_key, persist_result=True, result_serializer="json")
 def quantize_bins(signal: Signal, dataset: DatasetRef, k: int, lam: float = 1.0) -> Bins:
-    """Bin generation over the dataset's ``signal`` vectors (examples in uid order)."""
-    uids, x, missing = dataset_vectors(signal, dataset)
-    k = min(k, len(uids))
-    bins, picks, gains = graphcut_bins(x, k, lam)
-    frame = pl.DataFrame({"uid": uids, "bin": bins.astype(np.int32), "pick": picks.astype(np.int32), "gain": gains})
-    key = content_key(f"dq-bins-v{VERSION}", {"signal": signal, "dataset": dataset, "k": k, "lam": lam})
-    path = Path("derived") / f"{key}.parquet"
-    atomic_parquet(frame, get_store().home / path)
-    return Bins(signal_id=signal.id, fingerprint=dataset.fingerprint, k=k, lam=lam, rows=len(uids), missing=missing,
-                sizes=np.bincount(bins, minlength=k).tolist(), path=str(path))
+    """Bin generation over the dataset's ``signal`` vectors (examples in uid order); the bins are a
+    derived result (Parquet)."""
+
+    def compute() -> tuple[pl.DataFrame, dict[str, Any]]:
+        uids, x, missing = dataset_vectors(signal, dataset)
+        used = min(k, len(uids))
+        bins, picks, gains = graphcut_bins(x, used, lam)
+        frame = pl.DataFrame({"uid": uids, "bin": bins.astype(np.int32), "pick": picks.astype(np.int32),
+                              "gain": gains})
+        return frame, {"k": used, "missing": missing, "sizes": np.bincount(bins, minlength=used).tolist()}
+
+    found = get_store().derived.get_or_compute("dq-bins", _bins_inputs(signal, dataset, k, lam), compute,
+                                               version=VERSION)
+    return Bins(signal_id=signal.id, fingerprint=dataset.fingerprint, lam=lam, rows=found.rows,
+                path=str(found.path.relative_to(get_store().home)), **found.meta)
 
 
 class DQParams(MethodParams):
@@ -177,9 +185,3 @@ def dq(params: DQParams) -> SelectionRef:
     print(f"dq: {selection.height} of {dataset.rows} examples, {m // bins.k}-{-(-m // bins.k)} from each of "
           f"{bins.k} bins" + (f"; {bins.missing} examples without an embedding left out" if bins.missing else ""))
     return finish("dq", params, dataset, selection, [embedded])
-
-
-if __name__ == "__main__":
-    import sys
-
-    dq(DQParams(dataset=sys.argv[1], budget=float(sys.argv[2]) if len(sys.argv) > 2 else 0.1))

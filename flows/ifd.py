@@ -64,15 +64,14 @@ from pydantic import Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.settings import settings
-from sft_select.storage import BatchResult, Outcome, Signal
-from sft_select.storage.signals import Compute
-from sft_select.tasks.backends.lm import Template, answer_losses, encode_many, render
-from sft_select.tasks.backends.models import FINETUNED, load_causal_lm
+from sft_select.storage import Signal
+from sft_select.tasks.backends.lm import Template
+from sft_select.tasks.backends.models import FINETUNED
 from sft_select.tasks.cluster import cluster_kmeans
-from sft_select.tasks.core import DatasetRef, SignalRef, get_store, signal_task
+from sft_select.tasks.core import DatasetRef, SignalRef, get_store
 from sft_select.tasks.embed import embed, embed_signal
 from sft_select.tasks.finetune import FinetunedRef, Recipe, finetune_task
-from sft_select.tasks.lm_loss import Precision, by_length, lm_loss, lm_loss_signal
+from sft_select.tasks.lm_loss import Precision, lm_loss, lm_loss_signal, prompt_loss, prompt_loss_signal
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget, select
 
@@ -81,41 +80,6 @@ TEMPLATE: dict[str, Template] = {"cherry": "alpaca", "superfiltering": "none"}
 MAX_LENGTH = {"cherry": 512, "superfiltering": 1024}
 BUDGET = {"cherry": 0.05, "superfiltering": 0.1}
 BRIEF_RECIPE = Recipe(epochs=1.0, template="alpaca")
-
-
-# -- the instruction's own perplexity (pre-experience) --------------------------------------------------------
-
-
-def prompt_loss_signal(model: str, *, template: Template = "alpaca", max_length: int = 512,
-                       precision: Precision = "float32") -> Signal:
-    """``prompt_loss`` = mean cross-entropy of the rendered prompt's own tokens, each predicted from
-    the ones before it (the first from BOS); the instruction perplexity is ``exp(prompt_loss)``.
-    Reads ``messages``, ``instruction``, ``input``; writes one float."""
-    return Signal("prompt_loss", {"model": model, "template": template, "max_length": max_length,
-                                  "precision": precision}, version="1", kind="float")
-
-
-def build_prompt_loss(signal: Signal, token_budget: int = 8192) -> Compute:
-    """The batch function of a ``prompt_loss`` signal: the loss engine with the prompt as the
-    scored text and an empty context."""
-    p = signal.params
-    model, tokenizer = load_causal_lm(p["model"])
-    special = p["template"] != "chat"  # a chat template writes its own BOS
-
-    def compute(batch: pl.DataFrame) -> BatchResult:
-        prompts = [render(row, tokenizer, p["template"])[0]
-                   for row in batch.select("messages", "instruction", "input").to_dicts()]
-        items = [e.truncate(p["max_length"]) for e in
-                 encode_many(tokenizer, [""] * len(prompts), prompts, add_special_tokens=special)]
-        losses = answer_losses(model, items, token_budget=token_budget, bf16=p["precision"] == "bfloat16")
-        outcomes = [Outcome(value=float(v)) if np.isfinite(v) else Outcome(error="empty prompt", final=True)
-                    for v in losses]
-        return BatchResult(outcomes, {"prompt_tokens": float(sum(len(e) for e in items))})
-
-    return compute
-
-
-prompt_loss = signal_task("prompt_loss", build_prompt_loss, batch_size=64, order_by=by_length)
 
 
 # -- pre-experience sample, IFD table ---------------------------------------------------------------------------
@@ -247,9 +211,3 @@ def ifd(params: IFDParams) -> SelectionRef:
                   f"IFD ({variant}, {scorer}) on {dataset.name}@{dataset.version}")
     print(f"ifd ({variant}): {selection.height} of {dataset.rows} kept; " + json.dumps(counts))
     return finish("ifd", params, dataset, selection, signals)
-
-
-if __name__ == "__main__":
-    import sys
-
-    ifd(IFDParams(dataset=sys.argv[1], variant=sys.argv[2] if len(sys.argv) > 2 else "cherry"))

@@ -271,9 +271,3 @@ def instructiongpt4(params: InstructionGPT4Params) -> SelectionRef:
     print(f"instructiongpt4: {len(labels)} labelled subsets, {params.selector} selector; kept {selection.height} "
           f"of {dataset.rows} over {len(sizes)} spectral clusters")
     return finish("instructiongpt4", params, dataset, selection, signals)
-
-
-if __name__ == "__main__":
-    import sys
-
-    instructiongpt4(InstructionGPT4Params(dataset=sys.argv[1], budget=float(sys.argv[2]) if len(sys.argv) > 2 else 0.1))

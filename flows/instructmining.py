@@ -203,9 +203,3 @@ def instructmining(params: InstructMiningParams) -> SelectionRef:
     print(f"instructmining: rule R^2 {rule.r2:.3f} over {rule.subsets} subsets; kept {selection.height} of "
           f"{dataset.rows} ({table.height - table.drop_nulls().height} without every indicator)")
     return finish("instructmining", params, dataset, selection, signals)
-
-
-if __name__ == "__main__":
-    import sys
-
-    instructmining(InstructMiningParams(dataset=sys.argv[1], budget=float(sys.argv[2]) if len(sys.argv) > 2 else 0.1))

@@ -28,9 +28,3 @@ def longest(params: LongestParams) -> SelectionRef:
     selection = select(lengths, m=m, label="response characters")
     print(f"longest: {selection.height} of {dataset.rows} examples, shortest kept {selection['score'].min():.0f} chars")
     return finish("longest", params, dataset, selection)
-
-
-if __name__ == "__main__":
-    import sys
-
-    longest(LongestParams(dataset=sys.argv[1], budget=float(sys.argv[2]) if len(sys.argv) > 2 else 0.1))

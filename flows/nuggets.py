@@ -44,111 +44,22 @@ Deviations:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import polars as pl
 from prefect import flow
 from pydantic import Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.settings import settings
-from sft_select.storage import BatchResult, Outcome, Signal, fingerprint
-from sft_select.storage.signals import Compute
-from sft_select.tasks.backends.lm import Encoded, answer_losses, encode_many, render
-from sft_select.tasks.backends.models import load_causal_lm
 from sft_select.tasks.cluster import cluster_kmeans
 from sft_select.tasks.core import DatasetRef, get_store, signal_task
 from sft_select.tasks.embed import embed, embed_signal
+from sft_select.tasks.golden_score import NuggetsTemplate, build_golden_score, golden_score_signal
 from sft_select.tasks.lm_loss import Precision, by_length
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget, select
-
-NuggetsTemplate = Literal["alpaca", "none"]
-SEPARATOR = "\n\n"  # between the demonstration and the anchor's prompt
-
-
-@dataclass(frozen=True)
-class Anchors:
-    """The anchors, ready to be scored against: each one's zero-shot sequence (prompt, answer), its
-    prompt's ids without the tokenizer's leading special tokens (what follows a demonstration), and
-    its zero-shot loss ``s_zs``. Anchors with no answer token within ``max_length`` are left out."""
-
-    uids: list[str]
-    zero_shot: list[Encoded]
-    continuation: list[tuple[int, ...]]
-    losses: np.ndarray
-
-
-def prepare_anchors(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
-                    template: NuggetsTemplate = "alpaca", max_length: int = 512, token_budget: int = 8192,
-                    bf16: bool = False) -> Anchors:
-    """Tokenise the anchors (canonical rows with ``uid``) and compute their zero-shot losses."""
-    texts = [render(row, tokenizer, template) for row in rows]
-    encoded = [e.truncate(max_length) for e in encode_many(tokenizer, [c for c, _ in texts], [a for _, a in texts])]
-    keep = [i for i, e in enumerate(encoded) if e.answer]
-    continuation = tokenizer([texts[i][0] for i in keep], add_special_tokens=False)["input_ids"] if keep else []
-    zero_shot = [encoded[i] for i in keep]
-    return Anchors(uids=[rows[i]["uid"] for i in keep], zero_shot=zero_shot,
-                   continuation=[tuple(c) for c in continuation],
-                   losses=answer_losses(model, zero_shot, token_budget=token_budget, bf16=bf16))
-
-
-def demonstrations(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, template: NuggetsTemplate = "alpaca",
-                   max_length: int = 512) -> list[tuple[int, ...]]:
-    """Each candidate written out in full (prompt, answer, blank line), at most ``max_length`` ids."""
-    texts = [context + answer + SEPARATOR for context, answer in (render(row, tokenizer, template) for row in rows)]
-    return [tuple(ids[:max_length]) for ids in tokenizer(texts)["input_ids"]]
-
-
-def one_shot_losses(model: Any, demos: Sequence[tuple[int, ...]], anchors: Anchors, *, token_budget: int = 8192,
-                    bf16: bool = False) -> np.ndarray:
-    """``s_os(j | c)`` for every demonstration (rows) and anchor (columns): the anchor's zero-shot
-    answer ids after the demonstration and the anchor's prompt, all pairs in one batched pass."""
-    items = [Encoded(demo + cont, zs.answer) for demo in demos for cont, zs in zip(anchors.continuation,
-                                                                                  anchors.zero_shot)]
-    return answer_losses(model, items, token_budget=token_budget, bf16=bf16).reshape(len(demos), len(anchors.uids))
-
-
-def golden_score_signal(model: str, anchor_uids: Sequence[str], *, template: NuggetsTemplate = "alpaca",
-                        max_length: int = 512, precision: Precision = "float32") -> Signal:
-    """``golden_score`` of a candidate against one anchor set (its fingerprint is a parameter).
-    Reads ``messages``, ``instruction``, ``input``; writes one float in [0, 1]."""
-    return Signal("golden_score", {"model": model, "template": template, "max_length": max_length,
-                                   "precision": precision, "anchors": fingerprint(list(anchor_uids)),
-                                   "n_anchors": len(set(anchor_uids))}, version="1", kind="float")
-
-
-def build_golden_score(signal: Signal, anchors: pl.DataFrame, token_budget: int = 8192) -> Compute:
-    """The batch function of a ``golden_score`` signal: loads the model, computes the anchors'
-    zero-shot losses once, then scores batches of candidates against every anchor."""
-    p = signal.params
-    if fingerprint(anchors["uid"]) != p["anchors"]:
-        raise ValueError("these anchors are not the ones the golden_score signal was defined with")
-    model, tokenizer = load_causal_lm(p["model"])
-    fmt, speed = {"template": p["template"], "max_length": p["max_length"]}, {
-        "token_budget": token_budget, "bf16": p["precision"] == "bfloat16"}
-    prepared = prepare_anchors(model, tokenizer, anchors.to_dicts(), **fmt, **speed)
-    if not prepared.uids:
-        raise ValueError(f"no anchor has an answer token within max_length={p['max_length']}")
-    anchor_tokens = sum(len(c) + len(z.answer) for c, z in zip(prepared.continuation, prepared.zero_shot))
-
-    def compute(batch: pl.DataFrame) -> BatchResult:
-        demos = demonstrations(tokenizer, batch.to_dicts(), **fmt)
-        one_shot = one_shot_losses(model, demos, prepared, **speed)
-        wins = one_shot < prepared.losses[None, :]
-        outcomes = [Outcome(value=float(w.mean()),
-                            raw=json.dumps({"anchors_improved": int(w.sum()), "anchors": len(prepared.uids),
-                                            "mean_loss_change": round(float((o - prepared.losses).mean()), 6)}))
-                    for w, o in zip(wins, one_shot)]
-        tokens = sum(len(d) * len(prepared.uids) + anchor_tokens for d in demos)
-        return BatchResult(outcomes, {"prompt_tokens": float(tokens)})
-
-    return compute
 
 
 class NuggetsParams(MethodParams):
@@ -199,9 +110,3 @@ def nuggets(params: NuggetsParams) -> SelectionRef:
     print(f"nuggets: {selection.height} of {dataset.rows} kept; {len(anchor_uids)} anchors; "
           f"{scored.computed} scored now, {scored.reused} reused, {scored.errors} errors")
     return finish("nuggets", params, dataset, selection, [embedded, scored])
-
-
-if __name__ == "__main__":
-    import sys
-
-    nuggets(NuggetsParams(dataset=sys.argv[1], budget=float(sys.argv[2]) if len(sys.argv) > 2 else 0.01))

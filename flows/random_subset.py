@@ -32,9 +32,3 @@ def random_subset(params: RandomParams) -> SelectionRef:
     )
     print(f"random: {m} of {dataset.rows} examples")
     return finish("random", params, dataset, selection)
-
-
-if __name__ == "__main__":
-    import sys
-
-    random_subset(RandomParams(dataset=sys.argv[1], budget=float(sys.argv[2]) if len(sys.argv) > 2 else 0.1))

@@ -2,14 +2,16 @@
 
 Knows nothing of Prefect or models. Everything lives under one folder (``SFT_SELECT_HOME``)::
 
-    catalog.duckdb                      the catalog (datasets, signals, parts, selections, evaluations)
+    catalog.duckdb                      the catalog (datasets, signals, parts, selections, evaluations,
+                                        derived results)
     datasets/<fingerprint>.parquet      examples of one dataset version
     signals/<signal_id>/part-*.parquet  immutable parts of one signal's values
     selections/<selection_id>.parquet   ordered uids with score and reason
     rejects/                            records set aside at ingest, with their reasons
     exports/                            training files written for selections
-    derived/                            results of derived tasks (cluster assignments, DQ bins, ...)
-                                        keyed by content hashes
+    derived/<kind>/<key>.<fmt>          derived results (k-means, k-center, DQ bins, DiverseEvol rounds,
+                                        evaluations, held-out files), one file each, keyed by the
+                                        content hashes of their inputs (storage/derived.py)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .catalog import Catalog, CatalogBusy
+from .derived import Derived, DerivedStore, derived_key
 from .datasets import DatasetInfo, DatasetStore, SelectionStore, check_name, fingerprint
 from .examples import SCHEMA, make_example, uid_of
 from .formats import FORMATS, WRITE_FORMATS, InputError, ReadResult, read_examples, write_examples
@@ -32,11 +35,12 @@ class Store:
         self.datasets = DatasetStore(self.home / "datasets", self.catalog)
         self.signals = SignalStore(self.home / "signals", self.catalog)
         self.selections = SelectionStore(self.home / "selections", self.catalog)
+        self.derived = DerivedStore(self.home / "derived", self.catalog)
 
 
 __all__ = [
     "FORMATS", "SCHEMA", "WRITE_FORMATS", "BatchResult", "Catalog", "CatalogBusy", "DatasetInfo", "DatasetStore",
-    "FillAborted", "FillReport", "InputError", "NotFilled", "Outcome", "ReadResult", "SelectionStore", "Signal",
-    "SignalStore", "Store",
-    "check_name", "fingerprint", "make_example", "read_examples", "uid_of", "write_examples",
+    "Derived", "DerivedStore", "FillAborted", "FillReport", "InputError", "NotFilled", "Outcome", "ReadResult",
+    "SelectionStore", "Signal", "SignalStore", "Store",
+    "check_name", "derived_key", "fingerprint", "make_example", "read_examples", "uid_of", "write_examples",
 ]

@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS evaluations (
     evaluation_id VARCHAR, selection_id VARCHAR, model VARCHAR, suite VARCHAR, metric VARCHAR,
     value DOUBLE, n BIGINT, params JSON, created_at TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (evaluation_id, metric));
+CREATE TABLE IF NOT EXISTS derived (
+    kind VARCHAR, key VARCHAR, path VARCHAR, format VARCHAR, rows BIGINT, bytes BIGINT, params JSON,
+    created_at TIMESTAMP DEFAULT current_timestamp, PRIMARY KEY (kind, key));
 """
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import polars as pl
 
 from .catalog import Catalog
+from .derived import atomic_write
 from .examples import SCHEMA
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -34,13 +35,6 @@ def check_name(name: str, what: str = "dataset") -> str:
 def fingerprint(uids: pl.Series | list[str]) -> str:
     ordered = sorted(set(uids))
     return hashlib.sha256("\n".join(ordered).encode()).hexdigest()[:32]
-
-
-def atomic_parquet(df: pl.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    df.write_parquet(tmp)
-    tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -66,7 +60,7 @@ class DatasetStore:
         fp = fingerprint(examples["uid"])
         path = self.root / f"{fp}.parquet"
         if not path.exists():
-            atomic_parquet(examples, path)
+            atomic_write(path, examples.write_parquet)
         with self.catalog.connect() as con:
             latest = con.execute("SELECT version, fingerprint FROM datasets WHERE name = ? ORDER BY version DESC "
                                  "LIMIT 1", [name]).fetchone()
@@ -119,7 +113,7 @@ class SelectionStore:
             pl.col("score").cast(pl.Float64),
             pl.col("reason").cast(pl.String),
         )
-        atomic_parquet(frame, self.root / f"{selection_id}.parquet")
+        atomic_write(self.root / f"{selection_id}.parquet", frame.write_parquet)
         with self.catalog.connect() as con:
             con.execute("DELETE FROM selections WHERE selection_id = ?", [selection_id])
             con.execute("INSERT INTO selections (selection_id, method, params, budget, dataset, fingerprint, rows, "

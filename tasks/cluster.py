@@ -15,17 +15,16 @@ distances are one blocked matrix product. Rows whose float32 distance is within 
 the maximum are compared again in float64 against every chosen row, so the choice is the one exact
 arithmetic makes (the same as a float64 textbook loop), not an accident of rounding.
 
-The Prefect tasks read vectors from an ``embed`` signal and are cached on content: the signal id
-(a hash of the embedding's parameters), the dataset fingerprint (a hash of its uids), how many of
-those uids have a vector, and the parameters; never on a path.
+The Prefect tasks read vectors from an ``embed`` signal; their results are derived results
+(``store.derived``), keyed on content: the signal id (a hash of the embedding's parameters), the
+dataset fingerprint (a hash of its uids), how many of those uids have a vector, and the
+parameters; never on a path.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,8 +34,9 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 from sft_select.storage import Signal
-from sft_select.storage.datasets import atomic_parquet
+from sft_select.storage.signals import canonical_json
 from sft_select.tasks.core import DatasetRef, get_store
+from sft_select.tasks.derived import derived_cache_key
 from sft_select.tasks.embed import load_vectors
 
 log = logging.getLogger("sft_select")
@@ -222,22 +222,30 @@ class KCenter(BaseModel):
     missing: int
 
 
-def content_key(name: str, parameters: dict[str, Any]) -> str:
-    signal: Signal = parameters["signal"]
-    dataset: DatasetRef = parameters["dataset"]
+def vector_inputs(signal: Signal, dataset: DatasetRef, **params: Any) -> dict[str, Any]:
+    """What a result over a dataset's vectors depends on, as content: the signal id, the dataset
+    fingerprint, how many of its examples have a vector now, and the parameters (never a path)."""
     have = get_store().signals.status(signal).filter(pl.col("ok"))
     present = dataset.read(["uid"]).join(have, on="uid", how="semi").height
-    rest = {k: v for k, v in parameters.items() if k not in ("signal", "dataset")}
-    payload = json.dumps([name, VERSION, signal.id, dataset.fingerprint, present, rest], sort_keys=True, default=str)
-    return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:24]}"
+    return {"signal": signal.id, "dataset": dataset.fingerprint, "present": present, **params}
 
 
-def _kmeans_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return content_key("kmeans", parameters)
+def _kmeans_inputs(signal: Signal, dataset: DatasetRef, k: int, seed: int = 0, niter: int = 20) -> dict[str, Any]:
+    return vector_inputs(signal, dataset, k=k, seed=seed, niter=niter)
 
 
-def _kcenter_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return content_key("kcenter", parameters)
+def _kcenter_inputs(signal: Signal, dataset: DatasetRef, m: int, seed_uids: list[str] | None = None,
+                    seed: int = 0) -> dict[str, Any]:
+    ordered = hashlib.sha256(canonical_json(seed_uids or []).encode()).hexdigest()[:32]  # seeds' order matters
+    return vector_inputs(signal, dataset, m=m, seed_uids=ordered, seed=seed)
+
+
+def _kmeans_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    return derived_cache_key("kmeans", _kmeans_inputs(**parameters), version=VERSION)
+
+
+def _kcenter_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    return derived_cache_key("kcenter", _kcenter_inputs(**parameters), version=VERSION, fmt="json")
 
 
 def dataset_vectors(signal: Signal, dataset: DatasetRef) -> tuple[list[str], np.ndarray, int]:
@@ -253,20 +261,23 @@ def dataset_vectors(signal: Signal, dataset: DatasetRef) -> tuple[list[str], np.
 
 @task(name="kmeans", cache_key_fn=_kmeans_key, persist_result=True, result_serializer="json")
 def cluster_kmeans(signal: Signal, dataset: DatasetRef, k: int, seed: int = 0, niter: int = 20) -> Clusters:
-    """k-means of the dataset's ``signal`` vectors; the assignment is written as Parquet."""
-    uids, x, missing = dataset_vectors(signal, dataset)
-    k = min(k, len(uids))
-    centroids, assignment = kmeans(x, k, seed=seed, niter=niter)
-    distance = np.linalg.norm(x - centroids[assignment], axis=1)
-    anchors = nearest(x, centroids)
-    key = content_key("kmeans", {"signal": signal, "dataset": dataset, "k": k, "seed": seed, "niter": niter})
-    path = Path("derived") / f"{key}.parquet"
-    frame = pl.DataFrame({"uid": uids, "cluster": assignment.astype(np.int32), "distance": distance.astype(np.float32)})
-    atomic_parquet(frame, get_store().home / path)
-    return Clusters(signal_id=signal.id, fingerprint=dataset.fingerprint, k=k, seed=seed, rows=len(uids),
-                    missing=missing, anchors=[uids[i] for i in anchors],
-                    sizes=np.bincount(assignment, minlength=k).tolist(), inertia=float((distance**2).sum()),
-                    path=str(path))
+    """k-means of the dataset's ``signal`` vectors; the assignment is a derived result (Parquet)."""
+
+    def compute() -> tuple[pl.DataFrame, dict[str, Any]]:
+        uids, x, missing = dataset_vectors(signal, dataset)
+        used = min(k, len(uids))
+        centroids, assignment = kmeans(x, used, seed=seed, niter=niter)
+        distance = np.linalg.norm(x - centroids[assignment], axis=1)
+        frame = pl.DataFrame({"uid": uids, "cluster": assignment.astype(np.int32),
+                              "distance": distance.astype(np.float32)})
+        return frame, {"k": used, "missing": missing, "anchors": [uids[i] for i in nearest(x, centroids)],
+                       "sizes": np.bincount(assignment, minlength=used).tolist(),
+                       "inertia": float((distance**2).sum())}
+
+    found = get_store().derived.get_or_compute("kmeans", _kmeans_inputs(signal, dataset, k, seed, niter), compute,
+                                               version=VERSION)
+    return Clusters(signal_id=signal.id, fingerprint=dataset.fingerprint, seed=seed, rows=found.rows,
+                    path=str(found.path.relative_to(get_store().home)), **found.meta)
 
 
 @task(name="kcenter-greedy", cache_key_fn=_kcenter_key, persist_result=True, result_serializer="json")
@@ -274,10 +285,15 @@ def select_kcenter(signal: Signal, dataset: DatasetRef, m: int, seed_uids: list[
                    seed: int = 0) -> KCenter:
     """k-center greedy over the dataset's ``signal`` vectors, from ``seed_uids`` (those without a
     vector are skipped) or one seeded-random example, until ``m`` are chosen."""
-    uids, x, missing = dataset_vectors(signal, dataset)
-    row = {u: i for i, u in enumerate(uids)}
-    seeds = list(dict.fromkeys(row[u] for u in (seed_uids or []) if u in row))
-    order, radius, distances = kcenter_greedy(x, min(m, len(uids)), seeds or None, seed, return_distances=True)
-    return KCenter(signal_id=signal.id, fingerprint=dataset.fingerprint, uids=[uids[i] for i in order],
-                   distances=[None if np.isnan(d) else float(d) for d in distances], seeds=len(seeds),
-                   radius=radius, missing=missing)
+
+    def compute() -> dict[str, Any]:
+        uids, x, missing = dataset_vectors(signal, dataset)
+        row = {u: i for i, u in enumerate(uids)}
+        seeds = list(dict.fromkeys(row[u] for u in (seed_uids or []) if u in row))
+        order, radius, distances = kcenter_greedy(x, min(m, len(uids)), seeds or None, seed, return_distances=True)
+        return {"uids": [uids[i] for i in order], "distances": [None if np.isnan(d) else float(d) for d in distances],
+                "seeds": len(seeds), "radius": radius, "missing": missing}
+
+    found = get_store().derived.get_or_compute("kcenter", _kcenter_inputs(signal, dataset, m, seed_uids, seed),
+                                               compute, version=VERSION, fmt="json")
+    return KCenter(signal_id=signal.id, fingerprint=dataset.fingerprint, **found.read())

@@ -27,6 +27,7 @@ from sft_select.settings import settings
 from sft_select.storage import BatchResult, Signal
 from sft_select.storage.examples import prompt_text
 from sft_select.storage.signals import Compute
+from sft_select.tasks.backends.models import model_identity
 from sft_select.tasks.core import get_store, signal_task
 from sft_select.tasks.lm_loss import by_length
 
@@ -44,8 +45,8 @@ def embed_signal(model: str | None = None, *, field: Field = "full", max_tokens:
         model, normalize = model or settings().encoder, True
     else:
         model = model or settings().local_llm
-    return Signal("embed", {"model": model, "field": field, "max_tokens": max_tokens, "pooling": pooling,
-                            "normalize": normalize}, version=VERSION, kind="vector")
+    return Signal("embed", {"model": model_identity(model), "field": field, "max_tokens": max_tokens,
+                            "pooling": pooling, "normalize": normalize}, version=VERSION, kind="vector")
 
 
 def texts_of(examples: pl.DataFrame, field: Field) -> list[str]:

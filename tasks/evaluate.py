@@ -1,8 +1,9 @@
 """evaluate-subset: the quality Q of a selection, measured on the model fine-tuned on it.
 
 Each suite is a pydantic parameter model; :func:`evaluate` runs one suite on one model and writes
-one row per metric to the catalog's ``evaluations`` table, plus a Parquet file of per-item details
-(answers, verdicts, judge texts) under ``<SFT_SELECT_HOME>/evaluations/``. Every suite has
+one row per metric to the catalog's ``evaluations`` table; the result itself, a Parquet file of
+per-item details (answers, verdicts, judge texts) with the metrics in its metadata, is a derived
+result (``<SFT_SELECT_HOME>/derived/evaluation/``). Every suite has
 ``limit`` (the first N items, for quick runs).
 
 - :class:`ReferenceLoss`: mean answer-token cross-entropy of the model on held-out reference
@@ -33,9 +34,9 @@ completes (the ``chat`` signal of :func:`~sft_select.tasks.llm.stored_chat`), so
 killed midway resumes with the answers and verdicts it already has, and a second suite that needs
 the same judgement (the same prompt, model and settings) finds it.
 
-Caching: a result key hashes (model identity, suite parameters with each file's content hash in
-place of its path, judge name); a finished result is reused, and a re-run only re-registers its
-catalog rows (``evaluation_id`` also covers the selection id, so two selections that trained the
+Caching: the derived store keys a result on (model identity, suite parameters with each file's
+content hash in place of its path, judge name); a finished result is reused, and a re-run only
+re-registers its catalog rows (``evaluation_id`` also covers the selection id, so two selections that trained the
 same model each get their rows).
 """
 
@@ -55,17 +56,18 @@ from prefect import task
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field
 
-from sft_select.storage import read_examples
-from sft_select.storage.datasets import atomic_parquet
+from sft_select.storage import derived_key, read_examples
 from sft_select.tasks import ifeval
 from sft_select.tasks.backends.lm import example_losses
 from sft_select.tasks.backends.llm import LLM, ChatResult, LocalChat, get_llm
-from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.backends.models import FINETUNED, load_causal_lm, model_identity
 from sft_select.tasks.core import get_store
-from sft_select.tasks.finetune import FINISHED, FinetunedRef, base_identity, finetuned_dir
+from sft_select.tasks.derived import derived_cache_key
+from sft_select.tasks.finetune import FINISHED, FinetunedRef, finetuned_dir
 from sft_select.tasks.llm import stored_chat
 
 log = logging.getLogger("sft_select")
+KIND, VERSION = "evaluation", "1"  # derived results: one per (model, suite)
 
 Model = FinetunedRef | str
 """A fine-tuned model, or a base model by name / folder (to measure the starting point)."""
@@ -129,7 +131,7 @@ class EvaluationRef(BaseModel):
     selection_id: str | None
     metrics: dict[str, float]
     n: int
-    details: str = Field(description="file of per-item details, under <SFT_SELECT_HOME>/evaluations/")
+    details: str = Field(description="file of per-item details, relative to <SFT_SELECT_HOME> (a derived result)")
     reused: bool = False
     seconds: float | None = Field(None, description="wall time of the evaluation when it was computed")
 
@@ -138,7 +140,7 @@ class EvaluationRef(BaseModel):
 
 
 def model_id(model: Model) -> str:
-    return f"finetuned:{model.key}" if isinstance(model, FinetunedRef) else base_identity(model)
+    return FINETUNED + model.key if isinstance(model, FinetunedRef) else model_identity(model)
 
 
 def model_path(model: Model) -> str:
@@ -160,26 +162,31 @@ def _digest(path: Path | None) -> str | None:
     return h.hexdigest()[:16]
 
 
-def result_key(model: Model, suite: Suite) -> str:
-    """Hash of what the result depends on: the model, the suite's parameters, the files' contents
-    (never their paths) and the judge's name."""
+def result_inputs(model: Model, suite: Suite) -> dict[str, Any]:
+    """What the result depends on: the model, the suite's parameters, the files' contents (never
+    their paths) and the judge's name."""
     params = suite.model_dump(mode="json", exclude={"path", "reference_path", "batch_size", "judge"})
     params["file"] = _digest(suite.path)
     if isinstance(suite, MTBench):
         params["reference"] = _digest(suite.reference_path)
     if isinstance(suite, PairwiseJudge | MTBench):
         params["judge"] = get_llm(suite.judge).name
-    text = json.dumps([model_id(model), params], sort_keys=True)
-    return f"{suite.suite}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+    return {"model": model_id(model), "suite": params}
+
+
+def result_key(model: Model, suite: Suite) -> str:
+    """The derived-store key of the result (:func:`result_inputs`)."""
+    return derived_key(KIND, result_inputs(model, suite), VERSION)
 
 
 def evaluation_id(model: Model, suite: Suite, selection_id: str | None = None) -> str:
-    key = result_key(model, suite)
+    key = f"{suite.suite}-{result_key(model, suite)}"
     return f"{key}-{hashlib.sha256(str(selection_id).encode()).hexdigest()[:8]}" if selection_id else key
 
 
-def _results_dir() -> Path:
-    return get_store().home / "evaluations"
+def details_path(ref: EvaluationRef) -> Path:
+    """The per-item details file of an evaluation."""
+    return get_store().home / ref.details
 
 
 def _record(ref: EvaluationRef, params: dict[str, Any]) -> None:
@@ -423,27 +430,22 @@ RUNNERS = {"reference_loss": run_reference_loss, "ifeval": run_ifeval, "judge_pa
 
 
 def evaluate(model: Model, suite: Suite, selection_id: str | None = None) -> EvaluationRef:
-    """Plain function: run ``suite`` on ``model`` (or reuse its finished result) and write the
-    metrics to the catalog under this selection."""
-    key = result_key(model, suite)
-    folder = _results_dir()
-    metrics_file, details_file = folder / f"{key}.json", folder / f"{key}.parquet"
-    reused = metrics_file.exists() and details_file.exists()
-    if reused:
-        stored = json.loads(metrics_file.read_text())
-        metrics, n, seconds = stored["metrics"], stored["n"], stored.get("seconds")
-    else:
+    """Plain function: run ``suite`` on ``model`` (or reuse its finished result, a derived result:
+    the details as Parquet with the metrics in its metadata) and write the metrics to the catalog
+    under this selection."""
+
+    def compute() -> tuple[pl.DataFrame, dict[str, Any]]:
         began = time.perf_counter()
         metrics, details = RUNNERS[suite.suite](model, suite)
-        n, seconds = details.height, round(time.perf_counter() - began, 2)
-        atomic_parquet(details, details_file)
-        tmp = metrics_file.with_name(f".tmp-{metrics_file.name}")
-        tmp.write_text(json.dumps({"metrics": metrics, "n": n, "seconds": seconds}, allow_nan=True))
-        tmp.replace(metrics_file)  # written last: its presence means the result is complete
-    ref = EvaluationRef(evaluation_id=evaluation_id(model, suite, selection_id), result_key=key, suite=suite.suite,
-                        model=model_id(model), selection_id=selection_id, metrics=metrics, n=n,
-                        details=details_file.name, reused=reused, seconds=seconds)
-    _record(ref, {**suite.model_dump(mode="json"), "result_key": key})
+        return details, {"metrics": metrics, "n": details.height, "seconds": round(time.perf_counter() - began, 2)}
+
+    found = get_store().derived.get_or_compute(KIND, result_inputs(model, suite), compute, version=VERSION)
+    metrics, n, seconds = found.meta["metrics"], found.meta["n"], found.meta.get("seconds")
+    ref = EvaluationRef(evaluation_id=evaluation_id(model, suite, selection_id), result_key=found.key,
+                        suite=suite.suite, model=model_id(model), selection_id=selection_id, metrics=metrics, n=n,
+                        details=found.path.relative_to(get_store().home).as_posix(), reused=found.reused,
+                        seconds=seconds)
+    _record(ref, {**suite.model_dump(mode="json"), "result_key": found.key})
     log.info("%s on %s: %s", suite.suite, ref.model, {k: round(v, 4) for k, v in metrics.items()})
     return ref
 
@@ -452,10 +454,9 @@ def evaluate(model: Model, suite: Suite, selection_id: str | None = None) -> Eva
 
 
 def _evaluate_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """The evaluation id while its result file exists (so a cached reference never outlives it)."""
+    """The evaluation id while its result is stored (so a cached reference never outlives it)."""
     model, suite = parameters["model"], parameters["suite"]
-    key = result_key(model, suite)
-    if not (_results_dir() / f"{key}.json").exists():
+    if derived_cache_key(KIND, result_inputs(model, suite), version=VERSION) is None:
         return None
     return "evaluate-" + evaluation_id(model, suite, parameters.get("selection_id"))
 

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from sft_select.settings import settings
 from sft_select.storage import NotFilled, fingerprint
 from sft_select.tasks.backends.lm import ALPACA_PREAMBLE, ALPACA_RESPONSE
-from sft_select.tasks.backends.models import causal_lm_path, finetuned_dir, load_causal_lm
+from sft_select.tasks.backends.models import causal_lm_path, finetuned_dir, load_causal_lm, model_identity
 from sft_select.tasks.core import planning, progress_artifact
 
 log = logging.getLogger("sft_select")
@@ -130,24 +130,9 @@ class FinetunedRef(BaseModel):
         return str(finetuned_dir(self.key))
 
 
-def base_identity(base: str) -> str:
-    """What identifies a base model in the cache key: its registry name or hub id, or, for a local
-    folder, a sha256 of its files' contents (never its path)."""
-    folder = Path(base).expanduser()
-    if not folder.is_dir():
-        return base
-    digest = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(f.relative_to(folder).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-    return "folder:" + digest.hexdigest()[:32]
-
-
 def finetune_key(examples: pl.DataFrame, base: str, recipe: Recipe) -> str:
     """sha256 of (selection fingerprint, base model identity, recipe hash)."""
-    parts = [fingerprint(examples["uid"]), base_identity(base), recipe.hash()]
+    parts = [fingerprint(examples["uid"]), model_identity(base), recipe.hash()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -360,7 +345,7 @@ def _train(examples: pl.DataFrame, base: str, recipe: Recipe, key: str, out: Pat
     trainer.model.save_pretrained(tmp)  # the adapter alone for LoRA, the full weights otherwise
     tokenizer.save_pretrained(tmp)
     ref = FinetunedRef(
-        key=key, base=base, base_id=base_identity(base), recipe=recipe, full=recipe.full, template=template,
+        key=key, base=base, base_id=model_identity(base), recipe=recipe, full=recipe.full, template=template,
         examples=dataset.num_rows, selection_fingerprint=fingerprint(examples["uid"]),
         steps=trainer.state.global_step, resumed_from_step=resumed_from,
         runtime_s=round(time.monotonic() - started, 2), device=device, **_loss_summary(trainer.state.log_history))

@@ -46,7 +46,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, Field
 
-from sft_select.storage import fingerprint, write_examples
+from sft_select.storage import SCHEMA, fingerprint
 from sft_select.storage.examples import prompt_text
 from sft_select.tasks.core import get_store
 from sft_select.tasks.evaluate import ReferenceLoss, evaluate_task
@@ -210,12 +210,11 @@ def heldout_split(pool: pl.DataFrame, n: int, seed: int = 0) -> tuple[pl.DataFra
 
 
 def heldout_suite(heldout: pl.DataFrame, max_length: int = 1024) -> ReferenceLoss:
-    """A reference-loss suite over ``heldout``, written once (messages JSONL, uid order) under
-    ``<home>/derived/`` with a name derived from its content."""
-    path = get_store().home / "derived" / f"heldout-{fingerprint(heldout['uid'])[:24]}.jsonl"
-    if not path.exists():
-        write_examples(heldout.sort("uid"), path, "messages")
-    return ReferenceLoss(path=path, max_length=max_length)
+    """A reference-loss suite over ``heldout``: its examples (canonical Parquet, uid order) written
+    once as a derived result keyed on their fingerprint."""
+    found = get_store().derived.get_or_compute("heldout", {"examples": fingerprint(heldout["uid"])},
+                                               lambda: heldout.sort("uid").select(list(SCHEMA)))
+    return ReferenceLoss(path=found.path, max_length=max_length)
 
 
 def reference_suite(pool: pl.DataFrame, eval_file: str | None, heldout: int,

@@ -8,6 +8,10 @@ computed by :func:`sft_select.tasks.backends.lm.example_losses` (exact answer ma
 tokens in both conditions under ``max_length``). IFD is the ratio of the two signals (Li et al.
 2023a); perplexity is ``exp(lm_loss)``.
 
+``prompt_loss`` (reads the same columns, writes one float) is the loss of the rendered prompt's own
+tokens, each predicted from the ones before it: ``exp(prompt_loss)`` is the instruction perplexity
+of Cherry's pre-experience sample (``flows/ifd.py``).
+
 Besides the value, each row's ``raw`` holds ``{"context_tokens", "answer_tokens",
 "answer_tokens_total"}`` as JSON, so a method can drop examples whose answer was truncated
 (IFD's "over-length" rule) without recomputing anything. An example with no answer token within
@@ -19,13 +23,14 @@ from __future__ import annotations
 import json
 from typing import Literal
 
+import numpy as np
 import polars as pl
 
 from sft_select.settings import settings
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
-from sft_select.tasks.backends.lm import Template, example_losses
-from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.backends.lm import Template, answer_losses, encode_many, example_losses, render
+from sft_select.tasks.backends.models import load_causal_lm, model_identity
 from sft_select.tasks.core import signal_task
 
 Precision = Literal["float32", "bfloat16"]
@@ -37,7 +42,7 @@ def lm_loss_signal(model: str | None = None, *, conditioned: bool = True, templa
     """The ``lm_loss`` signal for these parameters (``model`` defaults to ``settings().local_llm``).
     ``precision="bfloat16"`` runs under bf16 autocast: faster on recent CPUs and GPUs, values
     differ from float32 in the third digit, hence a different signal."""
-    return Signal("lm_loss", {"model": model or settings().local_llm, "conditioned": conditioned,
+    return Signal("lm_loss", {"model": model_identity(model or settings().local_llm), "conditioned": conditioned,
                               "template": template, "max_length": max_length, "precision": precision},
                   version=VERSION, kind="float")
 
@@ -72,3 +77,35 @@ def build_lm_loss(signal: Signal, token_budget: int = 8192) -> Compute:
 
 
 lm_loss = signal_task("lm_loss", build_lm_loss, batch_size=64, order_by=by_length)
+
+
+def prompt_loss_signal(model: str, *, template: Template = "alpaca", max_length: int = 512,
+                       precision: Precision = "float32") -> Signal:
+    """``prompt_loss`` = mean cross-entropy of the rendered prompt's own tokens, each predicted from
+    the ones before it (the first from BOS); the instruction perplexity is ``exp(prompt_loss)``.
+    Reads ``messages``, ``instruction``, ``input``; writes one float."""
+    return Signal("prompt_loss", {"model": model_identity(model), "template": template, "max_length": max_length,
+                                  "precision": precision}, version="1", kind="float")
+
+
+def build_prompt_loss(signal: Signal, token_budget: int = 8192) -> Compute:
+    """The batch function of a ``prompt_loss`` signal: the loss engine with the prompt as the
+    scored text and an empty context."""
+    p = signal.params
+    model, tokenizer = load_causal_lm(p["model"])
+    special = p["template"] != "chat"  # a chat template writes its own BOS
+
+    def compute(batch: pl.DataFrame) -> BatchResult:
+        prompts = [render(row, tokenizer, p["template"])[0]
+                   for row in batch.select("messages", "instruction", "input").to_dicts()]
+        items = [e.truncate(p["max_length"]) for e in
+                 encode_many(tokenizer, [""] * len(prompts), prompts, add_special_tokens=special)]
+        losses = answer_losses(model, items, token_budget=token_budget, bf16=p["precision"] == "bfloat16")
+        outcomes = [Outcome(value=float(v)) if np.isfinite(v) else Outcome(error="empty prompt", final=True)
+                    for v in losses]
+        return BatchResult(outcomes, {"prompt_tokens": float(sum(len(e) for e in items))})
+
+    return compute
+
+
+prompt_loss = signal_task("prompt_loss", build_prompt_loss, batch_size=64, order_by=by_length)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from tiny_lm import build_tiny_llama
 
-from sft_select.flows.active_it import (ActiveITParams, active_it, drop_words, prompt_uncertainty_signal,
-                                        with_instruction)
+from sft_select.flows.active_it import ActiveITParams, active_it
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
+from sft_select.tasks.prompt_uncertainty import drop_words, prompt_uncertainty_signal, with_instruction
 
 torch.set_num_threads(1)
 

@@ -81,7 +81,7 @@ def params(env):
 
 def snapshot(env) -> dict[str, float]:
     """Every file of fine-tuned models and evaluation results, with its modification time."""
-    roots = [env["root"] / "models" / "finetuned", env["root"] / "home" / "evaluations"]
+    roots = [env["root"] / "models" / "finetuned", env["root"] / "home" / "derived" / "evaluation"]
     return {str(p): p.stat().st_mtime_ns for r in roots for p in r.rglob("*") if p.is_file()}
 
 
@@ -156,6 +156,7 @@ def test_second_identical_run_trains_nothing_and_calls_no_model(env, first):
     from sft_select.flows.compare import compare
 
     before, requests = snapshot(env), env["server"].requests
+    assert sum(k.endswith(".parquet") and "evaluation" in k for k in before) >= 5  # the results being watched
     again = compare(params(env))
     assert env["server"].requests == requests  # the judge was not asked again
     assert snapshot(env) == before  # no model trained or rewritten, no evaluation recomputed

@@ -4,6 +4,8 @@ round 3 resumes there, reusing rounds 1 and 2 untouched."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from fruit_pool import fruit_pool
@@ -48,7 +50,7 @@ def test_rounds_grow_by_per_round_and_a_crashed_run_resumes_at_its_round(store, 
     monkeypatch.setattr(dv, "select_kcenter", crash_in_round_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         dv.diverseevol(params)
-    rounds_dir = store.home / "derived" / "diverseevol"
+    rounds_dir = store.home / "derived" / "diverseevol-round"
     finished = {p.name: p.stat().st_mtime_ns for p in rounds_dir.glob("*.json")}
     assert len(finished) == 2  # rounds 1 and 2 are on disk, round 3 is not
     models = sorted(p.name for p in (model_cache / "finetuned").iterdir() if p.is_dir())
@@ -71,7 +73,7 @@ def test_rounds_grow_by_per_round_and_a_crashed_run_resumes_at_its_round(store, 
         assert distances == sorted(distances, reverse=True)  # greedy picks never get farther
 
     # round 1's first pick is the example farthest from the initial draw in model 1's embedding space
-    rounds = sorted((dv.Round.model_validate_json(p.read_text()) for p in rounds_dir.glob("*.json")),
+    rounds = sorted((dv.Round(key=p.stem, **json.loads(p.read_text())) for p in rounds_dir.glob("*.json")),
                     key=lambda r: r.round)
     assert [r.selected_before for r in rounds] == [4, 7, 10]
     signal = embed_signal(dv.FINETUNED + rounds[0].model, field="full", max_tokens=64, pooling="mean", normalize=False)

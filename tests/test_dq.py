@@ -77,7 +77,7 @@ def test_dq_flow_covers_every_bin(store):
 
     ref = dq(DQParams(dataset="topics", budget=7, bins=3, seed=0))
     chosen = store.selections.read(ref.selection_id)
-    (bins_file,) = (store.home / "derived").glob("dq-bins-*.parquet")
+    (bins_file,) = (store.home / "derived" / "dq-bins").glob("*.parquet")
     written = bins_file.stat().st_mtime_ns
     table = pl.read_parquet(bins_file)
     assert table.height == 18 and table["bin"].value_counts().sort("bin")["count"].to_list() == [6, 6, 6]
@@ -87,7 +87,7 @@ def test_dq_flow_covers_every_bin(store):
     assert chosen["reason"][0].startswith("bin 1/3 (pick ") and chosen["reason"][0].endswith("drawn uniformly")
 
     again = dq(DQParams(dataset="topics", budget=3, bins=3, seed=1))  # the bins are reused, not recomputed
-    assert list((store.home / "derived").glob("dq-bins-*.parquet")) == [bins_file]
+    assert list((store.home / "derived" / "dq-bins").glob("*.parquet")) == [bins_file]
     assert bins_file.stat().st_mtime_ns == written
     assert sorted(pl.DataFrame({"uid": store.selections.read(again.selection_id)["uid"]})
                   .join(table, on="uid")["bin"].to_list()) == [0, 1, 2]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -60,7 +59,7 @@ def test_reference_loss_is_lower_after_finetuning_and_written_to_the_catalog(env
 
 
 def test_ifeval_generates_and_scores_by_rules(env, tmp_path):
-    from sft_select.tasks.evaluate import IFEval, evaluate, _results_dir
+    from sft_select.tasks.evaluate import IFEval, details_path, evaluate
 
     items = [
         {"key": 1, "prompt": "Say hello without commas.", "instruction_id_list": ["punctuation:no_comma"],
@@ -75,7 +74,7 @@ def test_ifeval_generates_and_scores_by_rules(env, tmp_path):
     path.write_text("\n".join(json.dumps(i) for i in items))
     result = evaluate(env["ref"], IFEval(path=path, max_new_tokens=8, batch_size=2))
     assert result.n == 3 and result.metrics["generation_errors"] == 0
-    details = pl.read_parquet(_results_dir() / result.details)
+    details = pl.read_parquet(details_path(result))
     assert details["response"].null_count() == 0
     # 8 new tokens can never make 500 words: that instruction fails, strictly and loosely
     assert details.filter(pl.col("key") == 2)["loose"].to_list() == [[False]]
@@ -139,7 +138,7 @@ def test_pairwise_unparseable_verdicts_are_errors_not_defaults(env, judge_server
 
 
 def test_an_evaluation_that_died_after_its_judge_calls_pays_for_none_again(env, judge_server):
-    from sft_select.tasks.evaluate import PairwiseJudge, _results_dir, evaluate
+    from sft_select.tasks.evaluate import PairwiseJudge, details_path, evaluate
     from sft_select.tasks.core import get_store
     from sft_select.tasks.llm import chat_signal
 
@@ -147,8 +146,7 @@ def test_an_evaluation_that_died_after_its_judge_calls_pays_for_none_again(env, 
     first = judge_server(lambda request: "Winner: B")
     done = evaluate(env["ref"], suite)
     assert first.completions == 2 * len(REFERENCE)
-    for f in (_results_dir() / f"{done.result_key}.json", _results_dir() / done.details):
-        f.unlink()  # as if the process died after the judge's last batch, before writing the result
+    details_path(done).unlink()  # as if the process died after the judge's last batch, before writing the result
 
     second = judge_server(lambda request: "Winner: A")  # another verdict, were it asked
     again = evaluate(env["ref"], suite)
@@ -197,7 +195,7 @@ def test_rating_and_winner_parsers():
 def test_prefect_task_reuses_the_result(env, prefect_api):
     from prefect import flow
 
-    from sft_select.tasks.evaluate import ReferenceLoss, evaluate_task
+    from sft_select.tasks.evaluate import ReferenceLoss, details_path, evaluate_task
 
     suite = ReferenceLoss(path=env["reference"], limit=3)
 
@@ -208,10 +206,4 @@ def test_prefect_task_reuses_the_result(env, prefect_api):
 
     (n1, r1), (n2, r2), (n3, r3) = run(), run(), run()
     assert (n1, n2, n3) == ("Completed", "Completed", "Cached") and r2.reused and r1.metrics == r3.metrics
-    assert Path(_details(r3)).exists()
-
-
-def _details(ref) -> str:
-    from sft_select.tasks.evaluate import _results_dir
-
-    return str(_results_dir() / ref.details)
+    assert details_path(r3).exists()

@@ -63,7 +63,8 @@ def test_assistant_mask_covers_every_assistant_turn_and_nothing_else(tiny_base):
 def test_recipe_hash_and_key(tiny_base, tmp_path):
     import shutil
 
-    from sft_select.tasks.finetune import Recipe, base_identity, finetune_key
+    from sft_select.tasks.backends.models import model_identity
+    from sft_select.tasks.finetune import Recipe, finetune_key
 
     assert Recipe(save_steps=7).hash() == Recipe().hash()
     assert Recipe(lr=1e-3).hash() != Recipe().hash()
@@ -71,8 +72,8 @@ def test_recipe_hash_and_key(tiny_base, tmp_path):
     assert finetune_key(ex, tiny_base, Recipe()) == finetune_key(ex.reverse(), tiny_base, Recipe())
     assert finetune_key(ex, tiny_base, Recipe()) != finetune_key(ex.head(5), tiny_base, Recipe())
     copy = shutil.copytree(tiny_base, tmp_path / "copy")  # content, not path, identifies a local base
-    assert base_identity(str(copy)) == base_identity(tiny_base)
-    assert base_identity("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert model_identity(str(copy)) == model_identity(tiny_base)
+    assert model_identity("smollm2-135m-instruct") == "smollm2-135m-instruct"
 
 
 def test_lora_finetune_lowers_loss_writes_adapter_that_loads_and_is_cached(tiny_base, model_cache):

@@ -98,7 +98,7 @@ def test_flow_labels_clusters_trains_the_selector_and_keeps_a_diverse_best(store
         assert chosen.height == 6 and chosen["score"].to_list() == sorted(chosen["score"].to_list(), reverse=True)
         assert {r.split("; ")[1].split(" of ")[0] for r in chosen["reason"]} == {"spectral cluster 1",
                                                                                 "spectral cluster 2"}
-        (held_file,) = (store.home / "derived").glob("heldout-*.jsonl")
+        (held_file,) = (store.home / "derived" / "heldout").glob("*.parquet")
         assert not set(read_examples(held_file).examples["uid"]) & set(chosen["uid"])
         finetuned = settings().model_cache / "finetuned"
         models = sorted(p.name for p in finetuned.iterdir() if p.is_dir())

@@ -129,7 +129,7 @@ def test_flow_fits_the_rule_on_random_subsets_and_ranks_by_it(store, tiny_base, 
     design = np.column_stack([np.ones(ind.height), ind.select("output_length", "mtld", "perplexity").to_numpy()])
     _, residual, *_ = np.linalg.lstsq(design, ind["score"].to_numpy(), rcond=None)
     assert float(residual.sum()) < 1e-12
-    (held_file,) = (store.home / "derived").glob("heldout-*.jsonl")
+    (held_file,) = (store.home / "derived" / "heldout").glob("*.parquet")
     held = set(read_examples(held_file).examples["uid"])
     assert len(held) == 4 and held <= set(pool["uid"]) and not held & set(chosen["uid"])  # never selected
 

