@@ -7,7 +7,7 @@ Algorithm:
   2. Keep the examples rated >= 4.5 (9,229 of Alpaca's 52k with ChatGPT), or the m best rated.
 
 ``criterion="helpfulness"`` is the paper's other rating dimension (same scale and format). The
-prompts below are our own wording of the paper's rubric.
+prompts (``tasks/prompts.py``) are our own wording of the paper's rubric.
 
 Deviations: the judge is any backend (``judge``: "openai:<model>" on any OpenAI-compatible server,
 or the local default; ``None`` takes the configured one), and the rating is a signal, so it is
@@ -25,7 +25,6 @@ text rating, and a model that small is a weak judge: use a capable judge for rea
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 import polars as pl
@@ -35,48 +34,10 @@ from pydantic import Field
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.tasks.core import DatasetRef, get_store
 from sft_select.tasks.backends.llm import get_llm
-from sft_select.tasks.llm import Prompt, expected_score, first_number, llm_signal, score_with_llm
+from sft_select.tasks.llm import llm_signal, score_with_llm
+from sft_select.tasks.prompts import ALPAGASUS
 from sft_select.tasks.report import histogram_rows, publish_table
 from sft_select.tasks.select import resolve_budget, select
-
-SYSTEM = ("You review answers written by an AI assistant. You are shown the task it was given (an "
-          "instruction, sometimes with an input) and the answer it wrote.")
-
-
-def _template(criterion: str, best: str) -> str:
-    return ("### Instruction:\n{instruction}\n\n### Input:\n{input_or_none}\n\n### Response:\n{output}\n\n"
-            f"Rate the {criterion} of the response to the instruction and its input on a scale from 0 to 5, where "
-            f"5 means {best}. Put only the score, a number, on the first line. On the next lines explain the "
-            "rating; judge what the response says, not how long it is or the order things are shown in.")
-
-
-def _rating(raw: str) -> float:
-    return first_number(raw, low=0, high=5)
-
-
-def _expected_rating(raw: str) -> float:
-    positions = json.loads(raw).get("top_logprobs") or []
-    if not positions:
-        raise ValueError("the backend returned no log-probs")
-    return expected_score(positions[0], scores=range(0, 6))
-
-
-def _digit_template(criterion: str, best: str) -> str:
-    return ("### Instruction:\n{instruction}\n\n### Input:\n{input_or_none}\n\n### Response:\n{output}\n\n"
-            f"Rate the {criterion} of the response to the instruction and its input on a scale from 0 to 5, where "
-            f"5 means {best}. Reply with the score digit only.")
-
-
-CRITERIA = {"accuracy": "fully correct and complete", "helpfulness": "as helpful as a response can be"}
-PROMPTS: dict[tuple[str, str], Prompt] = {}
-for _criterion, _best in CRITERIA.items():
-    PROMPTS[_criterion, "text"] = Prompt(
-        name=f"alpagasus_{_criterion}", version="1", system=SYSTEM, parse=_rating, max_tokens=256, temperature=0.0,
-        template=_template(_criterion, _best))
-    PROMPTS[_criterion, "expected"] = Prompt(
-        name=f"alpagasus_{_criterion}_expected", version="1", system=SYSTEM, parse=_expected_rating, max_tokens=1,
-        temperature=0.0, top_logprobs=20, template=_digit_template(_criterion, _best))
-
 
 class AlpaGasusParams(MethodParams):
     budget: float | None = Field(
@@ -101,7 +62,7 @@ def alpagasus(params: AlpaGasusParams) -> SelectionRef:
     dataset = DatasetRef.load(params.dataset, params.dataset_version)
     judge = get_llm(params.judge)
     scoring = params.scoring if params.scoring != "auto" else ("expected" if judge.name.startswith("local") else "text")
-    signal = llm_signal(PROMPTS[params.criterion, scoring], judge)
+    signal = llm_signal(ALPAGASUS[params.criterion, scoring], judge)
     # the selection records the judge and the scoring actually used
     params = params.model_copy(update={"judge": signal.model, "scoring": scoring})
 

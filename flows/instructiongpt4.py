@@ -41,9 +41,10 @@ from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.tasks.cluster import cluster_kmeans
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store
 from sft_select.tasks.embed import embed, embed_signal, load_vectors
-from sft_select.tasks.indicators import (JUDGE_PROMPTS, LabelSettings, reference_suite, subset_quality,
+from sft_select.tasks.indicators import (LabelSettings, reference_suite, subset_quality,
                                          text_indicators)
 from sft_select.tasks.llm import llm_signal, score_with_llm
+from sft_select.tasks.prompts import INDICATORS
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget
 
@@ -218,7 +219,7 @@ def instructiongpt4(params: InstructionGPT4Params) -> SelectionRef:
     table = text_indicators(embedded).select("uid", length="output_length")
     columns = ["length"]
     if params.judge is not None:
-        quality = llm_signal(JUDGE_PROMPTS["quality"], params.judge)
+        quality = llm_signal(INDICATORS["quality"], params.judge)
         signals.append(score_with_llm(quality, dataset))
         table = table.join(store.signals.values(quality, have, alias="quality"), on="uid", how="left",
                            maintain_order="left")

@@ -44,10 +44,11 @@ from pydantic import BaseModel, Field
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store
 from sft_select.tasks.embed import embed, embed_signal, load_vectors
-from sft_select.tasks.indicators import (JUDGE_PROMPTS, LabelSettings, knn_distance, reference_suite, subset_quality,
+from sft_select.tasks.indicators import (LabelSettings, knn_distance, reference_suite, subset_quality,
                                          text_indicators)
 from sft_select.tasks.llm import llm_signal, score_with_llm
 from sft_select.tasks.lm_loss import lm_loss, lm_loss_signal
+from sft_select.tasks.prompts import INDICATORS
 from sft_select.tasks.report import publish_markdown, publish_table
 from sft_select.tasks.select import resolve_budget, select
 
@@ -138,7 +139,7 @@ def indicator_table(params: InstructMiningParams, dataset: DatasetRef,
                                                                                           "knn": pl.Float64})
         table = table.join(knn, on="uid", how="left")
     for name in (n for n in names if n in JUDGED):
-        signal = llm_signal(JUDGE_PROMPTS[name], params.judge)
+        signal = llm_signal(INDICATORS[name], params.judge)
         signals.append(score_with_llm(signal, dataset))
         table = table.join(store.signals.values(signal, uids, alias=name), on="uid", how="left")
     return table.select("uid", *names), signals

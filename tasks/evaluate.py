@@ -46,7 +46,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -63,8 +62,9 @@ from sft_select.tasks.backends.llm import LLM, ChatResult, LocalChat, get_llm
 from sft_select.tasks.backends.models import FINETUNED, load_causal_lm, model_identity
 from sft_select.tasks.core import get_store
 from sft_select.tasks.derived import derived_cache_key
-from sft_select.tasks.finetune import FINISHED, FinetunedRef, finetuned_dir
-from sft_select.tasks.llm import stored_chat
+from sft_select.tasks.finetune import FINISHED, FinetunedRef, Recipe, finetune_key, finetune_task, finetuned_dir
+from sft_select.tasks.llm import Prompt, stored_chat
+from sft_select.tasks.prompts import MT_BENCH, MT_REFERENCE, MT_REFERENCE_CATEGORIES, PAIRWISE
 
 log = logging.getLogger("sft_select")
 KIND, VERSION = "evaluation", "1"  # derived results: one per (model, suite)
@@ -218,65 +218,8 @@ def generate(model: Model, conversations: list[list[dict[str, str]]], *, max_new
                        max_tokens=max_new_tokens, model=model_id(model), batch_size=batch_size)
 
 
-PAIRWISE_SYSTEM = ("You are an impartial evaluator of AI assistants. You compare two responses to one "
-                   "instruction and say which one a careful user would prefer.")
-PAIRWISE_TEMPLATE = """Instruction:
-{instruction}
-
-Response A:
-{a}
-
-Response B:
-{b}
-
-Decide which response follows the instruction better: more helpful, correct and complete for what was \
-asked. Do not let the length of a response or the order in which they are shown sway you. Reply with a \
-single line, "Winner: A" or "Winner: B"."""
-
-
-def parse_winner(text: str) -> Literal["A", "B"]:
-    """The verdict of a pairwise judge: "Winner: A"/"Winner: B" (or a bare A/B line)."""
-    m = re.search(r"winner\W{0,4}(?:response\s+)?\(?([AB])\b", text, flags=re.IGNORECASE)
-    if m is None:
-        m = re.match(r"^\W*(?:response\s+|output\s+)?\(?([AB])\)?\W*$", text.strip().splitlines()[0] if text.strip()
-                     else "", flags=re.IGNORECASE)
-    if m is None:
-        raise ValueError(f"no verdict in {text[:80]!r}")
-    return "A" if m.group(1).upper() == "A" else "B"
-
-
-MT_SYSTEM = "You are a strict, fair grader of the answers an AI assistant gives to users."
-MT_TEMPLATE = """Grade the assistant's {which} answer in the conversation below on a scale from 1 (useless or \
-wrong) to 10 (excellent). Consider how helpful, relevant, accurate, deep, creative and detailed it is.{reference}
-First explain your judgement in a few sentences, objectively. Then give the rating in double square \
-brackets on the last line, for example: Rating: [[7]]
-
-{conversation}"""
-MT_REFERENCE = """ A reference answer is given below: use it to judge correctness, and rate a wrong answer low \
-however well it is written.
-
-[Reference answer]
-{reference}
-[End of reference answer]
-"""
-MT_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
-
-
-def parse_rating(text: str, low: float = 1.0, high: float = 10.0) -> float:
-    """The last ``[[N]]`` in a judge's answer (else a "Rating: N"), within ``[low, high]``."""
-    found = re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", text) or re.findall(
-        r"rating\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)", text, flags=re.IGNORECASE)
-    if not found:
-        raise ValueError(f"no rating in {text[-80:]!r}")
-    value = float(found[-1])
-    if not low <= value <= high:
-        raise ValueError(f"rating {value:g} outside [{low:g}, {high:g}]")
-    return value
-
-
-def _judge(llm: LLM, prompts: list[str], system: str, max_tokens: int) -> list[ChatResult]:
-    return stored_chat(llm, [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in prompts],
-                       max_tokens=max_tokens)
+def _judge(llm: LLM, prompt: Prompt, fields: list[dict[str, Any]], max_tokens: int) -> list[ChatResult]:
+    return stored_chat(llm, [prompt.conversation(**f) for f in fields], max_tokens=max_tokens)
 
 
 def _mean(values: list[float]) -> float:
@@ -329,16 +272,16 @@ def run_pairwise(model: Model, suite: PairwiseJudge) -> tuple[dict[str, float], 
     ours = [a.text or "" for a in answers]
     refs = examples["output"].to_list()
     judge = get_llm(suite.judge)
-    first = _judge(judge, [PAIRWISE_TEMPLATE.format(instruction=i, a=o, b=r)
-                           for i, o, r in zip(instructions, ours, refs)], PAIRWISE_SYSTEM, suite.judge_max_tokens)
-    second = _judge(judge, [PAIRWISE_TEMPLATE.format(instruction=i, a=r, b=o)
-                            for i, o, r in zip(instructions, ours, refs)], PAIRWISE_SYSTEM, suite.judge_max_tokens)
+    first = _judge(judge, PAIRWISE, [{"instruction": i, "a": o, "b": r} for i, o, r in zip(instructions, ours, refs)],
+                   suite.judge_max_tokens)
+    second = _judge(judge, PAIRWISE, [{"instruction": i, "a": r, "b": o} for i, o, r in zip(instructions, ours, refs)],
+                    suite.judge_max_tokens)
 
     def verdict(result: ChatResult, ours_is: str) -> tuple[float | None, str | None]:
         if result.error is not None:
             return None, f"judge: {result.error}"
         try:
-            return (1.0 if parse_winner(result.text or "") == ours_is else 0.0), None
+            return (1.0 if PAIRWISE.parse(result.text or "") == ours_is else 0.0), None
         except ValueError as e:
             return None, f"parse: {e}"
 
@@ -397,9 +340,8 @@ def run_mt_bench(model: Model, suite: MTBench) -> tuple[dict[str, float], pl.Dat
             turns = [(q["turns"][j], answers[i][j].text or "") for j in range(k + 1)]
             reference = MT_REFERENCE.format(reference=ref[k]) if ref and k < len(ref) else ""
             which = "first" if k == 0 else "second" if k == 1 else f"turn-{k + 1}"
-            jobs.append((i, k, MT_TEMPLATE.format(which=which, reference=reference,
-                                                  conversation=_conversation_text(turns))))
-    verdicts = _judge(get_llm(suite.judge), [p for _, _, p in jobs], MT_SYSTEM, suite.judge_max_tokens)
+            jobs.append((i, k, {"which": which, "reference": reference, "conversation": _conversation_text(turns)}))
+    verdicts = _judge(get_llm(suite.judge), MT_BENCH, [f for _, _, f in jobs], suite.judge_max_tokens)
 
     rows = []
     for (i, k, _), v in zip(jobs, verdicts):
@@ -410,7 +352,7 @@ def run_mt_bench(model: Model, suite: MTBench) -> tuple[dict[str, float], pl.Dat
             error = f"judge: {v.error}"
         else:
             try:
-                rating = parse_rating(v.text or "")
+                rating = MT_BENCH.parse(v.text or "")
             except ValueError as e:
                 error = f"parse: {e}"
         rows.append({"question_id": int(questions[i]["question_id"]), "category": questions[i].get("category"),
@@ -466,3 +408,30 @@ def _evaluate_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> 
 def evaluate_task(model: Model, suite: Suite, selection_id: str | None = None) -> EvaluationRef:
     """Prefect task: :func:`evaluate`."""
     return evaluate(model, suite, selection_id)
+
+
+class Tuned(BaseModel):
+    """A model fine-tuned on a selection and what each suite measured of it."""
+
+    model: FinetunedRef
+    evaluations: list[EvaluationRef]
+    trained: bool = Field(description="fine-tuned in this run (False: the cached model was reused)")
+
+
+def evaluate_all(model: Model, suites: list[Suite], selection_id: str | None = None,
+                 name: str | None = None) -> list[EvaluationRef]:
+    """Evaluate ``model`` with every suite, in order; each evaluation is a cached Prefect task."""
+    label = f"{name}: " if name else ""
+    return [evaluate_task.with_options(task_run_name=f"evaluate[{label}{suite.suite}]")(model, suite, selection_id)
+            for suite in suites]
+
+
+def tune_and_evaluate(examples: pl.DataFrame, base: str, recipe: Recipe, suites: list[Suite], *,
+                      selection_id: str | None = None, name: str | None = None) -> Tuned:
+    """The quality of a selection, Q(S): fine-tune ``base`` on ``examples`` with ``recipe``, then
+    evaluate the model with every suite. Shared by ``compare`` and the indicator methods' quality
+    labels; call it inside a flow (both steps are cached tasks, so nothing is trained or measured twice)."""
+    trained = not (finetuned_dir(finetune_key(examples, base, recipe)) / FINISHED).exists()
+    tune = finetune_task.with_options(task_run_name=f"fine-tune[{name or f'{examples.height} examples'}]")
+    model = tune(examples, base, recipe)
+    return Tuned(model=model, evaluations=evaluate_all(model, suites, selection_id, name), trained=trained)

@@ -259,6 +259,7 @@ def finetune(examples: pl.DataFrame, base: str = "smollm2-135m-instruct", recipe
     recipe = recipe or Recipe()
     if examples.is_empty():
         raise ValueError("cannot fine-tune on an empty selection")
+    examples = examples.sort("uid")  # one order per content: one key is one training run
     key = finetune_key(examples, base, recipe)
     out = finetuned_dir(key)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ Cheap indicators are computed on the fly from the examples (they cost less than 
   nearest other examples of the pool, ``knn_i(x) = (1/i) * sum_{j in NN_i(x)} ||x - x_j||``. It
   depends on the pool, so it is computed from the stored ``embed`` signal, never stored itself.
 
-Judge-scored indicators are LLM signals (:data:`JUDGE_PROMPTS`, filled with
+Judge-scored indicators are LLM signals (:data:`~sft_select.tasks.prompts.INDICATORS`, filled with
 :data:`~sft_select.tasks.llm.score_with_llm`): ``quality`` (0-100, InstructionGPT-4's GPT-4 score;
 InstructMining's reward-model slot where no reward model is configured) and UniEval's dialogue
 dimensions ``naturalness``, ``coherence``, ``understandability`` (Zhong et al. 2022), asked of a
@@ -49,9 +49,8 @@ from pydantic import BaseModel, Field
 from sft_select.storage import SCHEMA, fingerprint
 from sft_select.storage.examples import prompt_text
 from sft_select.tasks.core import get_store
-from sft_select.tasks.evaluate import ReferenceLoss, evaluate_task
-from sft_select.tasks.finetune import Recipe, finetune_task
-from sft_select.tasks.llm import Prompt, first_number
+from sft_select.tasks.evaluate import ReferenceLoss, tune_and_evaluate
+from sft_select.tasks.finetune import Recipe
 
 log = logging.getLogger("sft_select")
 
@@ -126,47 +125,6 @@ def knn_distance(vectors: np.ndarray, k: int = 6) -> np.ndarray:
     return np.sqrt(np.maximum(d2, 0.0)).mean(axis=1)
 
 
-# -- judge-scored indicators -----------------------------------------------------------------------------
-
-JUDGE_SYSTEM = ("You annotate instruction-tuning data. You are shown a task given to an AI assistant (an "
-                "instruction, sometimes with an input) and the assistant's response, and you rate one "
-                "property of the response.")
-_PAIR = "### Instruction:\n{instruction}\n\n### Input:\n{input_or_none}\n\n### Response:\n{output}\n\n"
-_FIRST_LINE = " Write only the score, a number, on the first line; you may explain it on the lines after."
-
-
-def _rate(low: float, high: float):
-    def parse(raw: str) -> float:
-        return first_number(raw, low=low, high=high)
-
-    return parse
-
-
-def _judge_prompt(name: str, question: str, low: int, high: int) -> Prompt:
-    return Prompt(name=name, version="1", system=JUDGE_SYSTEM, parse=_rate(low, high), max_tokens=64,
-                  temperature=0.0, template=_PAIR + question + _FIRST_LINE)
-
-
-JUDGE_PROMPTS: dict[str, Prompt] = {
-    "quality": _judge_prompt(
-        "indicator_quality",
-        "How good is this response as training data for an assistant: correct, helpful, complete and well "
-        "written for the task? Give a score from 0 (useless) to 100 (excellent).", 0, 100),
-    "naturalness": _judge_prompt(
-        "indicator_naturalness",
-        "How natural is the response: does it read like something a fluent, thoughtful person would write? "
-        "Give a score from 1 (not at all) to 5 (completely).", 1, 5),
-    "coherence": _judge_prompt(
-        "indicator_coherence",
-        "How coherent is the response: does it follow from the task and hold together from start to end? "
-        "Give a score from 1 (not at all) to 5 (completely).", 1, 5),
-    "understandability": _judge_prompt(
-        "indicator_understandability",
-        "How understandable is the response: can a reader grasp what it says without effort? "
-        "Give a score from 1 (not at all) to 5 (completely).", 1, 5),
-}
-
-
 # -- quality labels: fine-tune on a subset, measure the model ---------------------------------------------
 
 
@@ -234,22 +192,20 @@ def reference_suite(pool: pl.DataFrame, eval_file: str | None, heldout: int,
 
 def subset_quality(subsets: Mapping[str, pl.DataFrame], base: str, recipe: Recipe,
                    suite: ReferenceLoss) -> list[SubsetQuality]:
-    """Fine-tune ``base`` on each subset (examples in uid order, so a subset is one training run) and
-    evaluate the model with ``suite``; one :class:`SubsetQuality` per subset, in the given order.
-    Call it inside a flow: each fine-tune and evaluation is a cached Prefect task."""
+    """Fine-tune ``base`` on each subset and evaluate the model with ``suite``
+    (:func:`~sft_select.tasks.evaluate.tune_and_evaluate`); one :class:`SubsetQuality` per subset, in
+    the given order. Call it inside a flow: each fine-tune and evaluation is a cached Prefect task."""
     results = []
     for name, examples in subsets.items():
-        examples = examples.sort("uid")
-        model = finetune_task(examples, base, recipe)
-        measured = evaluate_task(model, suite)
-        loss = measured.metrics["loss"]
+        tuned = tune_and_evaluate(examples, base, recipe, [suite], name=f"subset {name}")
+        loss = tuned.evaluations[0].metrics["loss"]
         if not math.isfinite(loss):
-            raise ValueError(f"subset {name}: the evaluation produced no loss ({measured.metrics})")
+            raise ValueError(f"subset {name}: the evaluation produced no loss ({tuned.evaluations[0].metrics})")
         results.append(SubsetQuality(name=name, examples=examples.height, fingerprint=fingerprint(examples["uid"]),
-                                     model=model.key, loss=loss, train_loss=model.train_loss))
+                                     model=tuned.model.key, loss=loss, train_loss=tuned.model.train_loss))
         log.info("subset %s (%d examples): held-out loss %.4f", name, examples.height, loss)
     return results
 
 
-__all__ = ["JUDGE_PROMPTS", "LABEL_RECIPE", "MTLD_THRESHOLD", "LabelSettings", "SubsetQuality", "heldout_split",
+__all__ = ["LABEL_RECIPE", "MTLD_THRESHOLD", "LabelSettings", "SubsetQuality", "heldout_split",
            "heldout_suite", "knn_distance", "mtld", "reference_suite", "subset_quality", "text_indicators", "words"]

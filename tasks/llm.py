@@ -64,6 +64,7 @@ class Prompt:
     temperature: float = 0.0
     top_logprobs: int | None = None
     kind: Kind = "float"
+    rubric: str = ""  # the published rubric the wording follows (documentation; not part of the identity)
 
     def __post_init__(self) -> None:
         key = (self.name, self.version, self.parser_version)
@@ -89,6 +90,10 @@ class Prompt:
             "prompt": prompt_text(row) if row.get("messages") is not None else row.get("instruction") or "",
             "source": row.get("source") or "",
         }
+        return self.conversation(**fields)
+
+    def conversation(self, **fields: Any) -> Conversation:
+        """The system and user messages with the template's fields filled in."""
         messages = [{"role": "system", "content": self.system.format(**fields)}] if self.system else []
         return messages + [{"role": "user", "content": self.template.format(**fields)}]
 
@@ -277,14 +282,24 @@ def expected_score(top_logprobs: Mapping[str, float], scores: Iterable[int] = ra
     return sum(k * p for k, p in mass.items()) / total
 
 
-def parse_expected_score(raw: str) -> float:
-    """Parser for a prompt with ``top_logprobs`` set: :func:`expected_score` at the first position."""
-    positions = json.loads(raw).get("top_logprobs") or []
-    if not positions:
-        raise ValueError("the backend returned no log-probs")
-    return expected_score(positions[0])
+def expected_score_parser(scores: Iterable[int] = range(1, 7)) -> Callable[[str], float]:
+    """The parser of a prompt with ``top_logprobs`` set: :func:`expected_score` over ``scores`` at the
+    first generated position."""
+    scores = tuple(scores)
+
+    def parse(raw: str) -> float:
+        positions = json.loads(raw).get("top_logprobs") or []
+        if not positions:
+            raise ValueError("the backend returned no log-probs")
+        return expected_score(positions[0], scores)
+
+    return parse
 
 
-__all__ = ["PROMPTS", "Prompt", "chat_signal", "conversation_uid", "expected_score", "first_number", "llm_batch",
-           "llm_batch_of", "llm_signal", "parse_expected_score", "estimate_llm", "prompt_of", "reparse", "reparse_newest",
-           "score_with_llm", "service_failure", "stored_chat"]
+parse_expected_score = expected_score_parser()
+"""DEITA's 1-6 expected score at the first position."""
+
+
+__all__ = ["PROMPTS", "Prompt", "chat_signal", "conversation_uid", "estimate_llm", "expected_score",
+           "expected_score_parser", "first_number", "llm_batch", "llm_batch_of", "llm_signal", "parse_expected_score",
+           "prompt_of", "reparse", "reparse_newest", "score_with_llm", "service_failure", "stored_chat"]

@@ -8,11 +8,12 @@ import re
 import pytest
 from openai_server import OpenAIServer, last_user
 
-from sft_select.flows.alpagasus import PROMPTS, AlpaGasusParams, alpagasus
+from sft_select.flows.alpagasus import AlpaGasusParams, alpagasus
 from sft_select.settings import settings
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
 from sft_select.tasks.llm import llm_signal
+from sft_select.tasks.prompts import ALPAGASUS
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -58,7 +59,7 @@ def test_alpagasus_rates_once_and_reuses_the_ratings(store, server):
     assert server.requests == 12  # ratings are keyed by example, not by dataset
     assert store.selections.read(half.selection_id)["score"].to_list() == [5.0, 4.5, 4.0]
 
-    signal = llm_signal(PROMPTS["accuracy", "text"], judge_name)
+    signal = llm_signal(ALPAGASUS["accuracy", "text"], judge_name)
     cost = store.catalog.query("SELECT calls, model FROM signals WHERE signal_id = ?", [signal.id]).row(0)
     assert cost == (12, f"{judge_name}@{server.url.removeprefix('http://')}")  # the judge is model and server
     params = store.catalog.query("SELECT params FROM selections WHERE selection_id = ?", [kept.selection_id]).item()

@@ -138,10 +138,21 @@ def test_compare_writes_reports_and_artifacts(env, first):
     report = Path(first.report).read_text()
     assert "## Leaderboard" in report and f"![leaderboard]({Path(first.chart).name})" in report
 
+    # the chart: each row's paired difference to random (a point and its 95% interval), a line at zero
     svg = ET.fromstring(Path(first.chart).read_text())
-    bars = [e for e in svg.iter("{http://www.w3.org/2000/svg}rect") if e.get("stroke")]
-    assert len(bars) == 2 * 5  # one panel per suite, one bar per row
-    assert sorted(b.get("fill") for b in bars[:5]) == sorted(["#9ca3af"] * 3 + ["#2563eb", "#ffffff"])
+    ns = "{http://www.w3.org/2000/svg}"
+    points = list(svg.iter(f"{ns}circle"))
+    assert len(points) == 2 * 4  # one panel per suite, one point per row but random's own
+    assert sorted(c.get("fill") for c in points[:4]) == sorted(["#6b7280"] * 2 + ["#2563eb", "#111827"])
+    zero = [e for e in svg.iter(f"{ns}line") if e.get("stroke-dasharray")]
+    assert len(zero) == 2 and all(e.get("x1") == e.get("x2") for e in zero)
+    loss_panel = [float(c.get("cx")) for c in points[:4]]
+    by_row = dict(zip([r.method for r in first.rows if r.method != "random"], loss_panel))
+    zero_x = float(zero[0].get("x1"))
+    for r in first.rows:  # a point right of zero where the loss is above random's, left where below
+        if r.method != "random":
+            assert (by_row[r.method] > zero_x) == (r.vs_random["reference_loss.loss"][0] > 0)
+    assert "difference to random" in "".join(svg.itertext())
 
     with get_client(sync_client=True) as client:
         found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
@@ -224,10 +235,27 @@ def test_method_parameters_are_checked_before_any_work(env):
 
 
 def test_paired_difference():
-    from sft_select.flows.compare import paired_difference
+    from sft_select.tasks.leaderboard import paired_difference
 
     ours = pl.DataFrame({"uid": ["a", "b", "c", "d"], "loss": [1.0, 2.0, 3.0, None]})
     theirs = pl.DataFrame({"uid": ["c", "b", "a", "d"], "loss": [2.0, 2.5, 2.0, 1.0]})
     delta, half, n = paired_difference(ours, theirs, "reference_loss")  # d = [-1, -0.5, 1] on a, b, c
     assert n == 3 and delta == pytest.approx(-1 / 6)
     assert half == pytest.approx(1.96 * math.sqrt(((-5 / 6) ** 2 + (-1 / 3) ** 2 + (7 / 6) ** 2) / 2) / math.sqrt(3))
+
+
+def test_equal_values_share_a_rank_and_the_report_names_the_rows_that_ran():
+    from sft_select.tasks.evaluate import ReferenceLoss
+    from sft_select.tasks.leaderboard import LeaderboardRow, rank, report_markdown
+
+    suites = [ReferenceLoss(path=Path("x.json"))]
+
+    def row(name, loss, kind="method"):
+        return LeaderboardRow(method=name, kind=kind, selection_id=None, selected=1, model="m",
+                              metrics={} if loss is None else {"reference_loss.loss": loss})
+
+    ranked = rank([row("a", 2.0), row("random", 1.5, "baseline"), row("b", 1.5), row("c", 1.0), row("d", None)],
+                  suites)
+    assert [(r.method, r.rank) for r in ranked] == [("c", 1), ("random", 2), ("b", 2), ("a", 4), ("d", None)]
+    text = report_markdown({"base": "tiny"}, "pool@1", 10, 2, suites, ranked, "")
+    assert "Baselines: random." in text and "full data" not in text and "longest" not in text

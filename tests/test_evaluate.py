@@ -148,9 +148,9 @@ def test_an_evaluation_that_died_after_its_judge_calls_pays_for_none_again(env, 
     assert first.completions == 2 * len(REFERENCE)
     details_path(done).unlink()  # as if the process died after the judge's last batch, before writing the result
 
-    second = judge_server(lambda request: "Winner: A")  # another verdict, were it asked
+    first.answer, before = (lambda request: "Winner: A"), first.completions  # another verdict, were it asked
     again = evaluate(env["ref"], suite)
-    assert second.completions == 0 and not again.reused and again.metrics == done.metrics
+    assert first.completions == before and not again.reused and again.metrics == done.metrics
     answers = get_store().signals.read(chat_signal(f"finetuned:{env['ref'].key}", temperature=0.0, max_tokens=4))
     assert answers.height == len(REFERENCE) and answers["error"].null_count() == len(REFERENCE)
 
@@ -183,7 +183,7 @@ def test_mt_bench_grades_both_turns_with_references_for_math(env, judge_server, 
 
 
 def test_rating_and_winner_parsers():
-    from sft_select.tasks.evaluate import parse_rating, parse_winner
+    from sft_select.tasks.prompts import parse_rating, parse_winner
 
     assert parse_rating("ok [[2]] then [[7.5]]") == 7.5 and parse_rating("Rating: 4") == 4.0
     assert parse_winner("Winner: B") == "B" and parse_winner("**Winner:** (a)") == "A" and parse_winner("B") == "B"

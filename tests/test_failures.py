@@ -16,7 +16,7 @@ import pytest
 from openai_server import BadRequest, OpenAIServer, last_user
 from typer.testing import CliRunner
 
-from sft_select.flows.alpagasus import PROMPTS, AlpaGasusParams, alpagasus
+from sft_select.flows.alpagasus import AlpaGasusParams, alpagasus
 from sft_select.flows.cli import app
 from sft_select.flows.common import IncompleteSelection
 from sft_select.settings import settings
@@ -24,6 +24,7 @@ from sft_select.storage import BatchResult, FillAborted, Outcome, Signal, make_e
 from sft_select.storage.examples import frame
 from sft_select.tasks.backends.llm import OpenAIChat
 from sft_select.tasks.llm import llm_signal
+from sft_select.tasks.prompts import ALPAGASUS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -56,7 +57,7 @@ def free_port() -> int:
 def test_a_dead_judge_stops_the_run_at_once_and_charges_no_example(store, monkeypatch, fault):
     register(store, 40)
     params = AlpaGasusParams(dataset="pool", judge="openai:judge-drill", budget=10)
-    signal_prompt = PROMPTS["accuracy", "text"]
+    signal_prompt = ALPAGASUS["accuracy", "text"]
     with OpenAIServer(rated, api_key="sk-right", fail_500=-1 if fault == "500 for everything" else 0) as server:
         url = server.url if fault != "unreachable" else f"http://127.0.0.1:{free_port()}/v1"
         point(monkeypatch, url, "sk-wrong" if fault == "wrong key" else "sk-right")
@@ -185,14 +186,14 @@ def test_the_judge_is_its_model_and_its_server(monkeypatch):
     from sft_select.tasks.backends.llm import get_llm
 
     point(monkeypatch, "http://127.0.0.1:8001/v1")
-    a = llm_signal(PROMPTS["accuracy", "text"], "openai:same-model")
+    a = llm_signal(ALPAGASUS["accuracy", "text"], "openai:same-model")
     point(monkeypatch, "http://user:pw@127.0.0.1:8002/v1")
-    b = llm_signal(PROMPTS["accuracy", "text"], "openai:same-model")
+    b = llm_signal(ALPAGASUS["accuracy", "text"], "openai:same-model")
     assert a.id != b.id and b.model == "openai:same-model@127.0.0.1:8002/v1"  # credentials never in a name
     with pytest.raises(ValueError, match="SFT_SELECT_OPENAI_ENDPOINT"):
         get_llm(a.model)  # a's ratings were made on another server than the one configured now
     monkeypatch.setenv("SFT_SELECT_OPENAI_ENDPOINT", "replicas-of-same-model")
     settings.cache_clear()
-    c = llm_signal(PROMPTS["accuracy", "text"], "openai:same-model")
+    c = llm_signal(ALPAGASUS["accuracy", "text"], "openai:same-model")
     point(monkeypatch, "http://127.0.0.1:8001/v1")
-    assert llm_signal(PROMPTS["accuracy", "text"], "openai:same-model").id == c.id  # declared the same
+    assert llm_signal(ALPAGASUS["accuracy", "text"], "openai:same-model").id == c.id  # declared the same
