@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +42,16 @@ def _assignments(items: list[str] | None) -> dict[str, object]:
     return values
 
 
+@contextmanager
+def _flow_session() -> Iterator[None]:
+    """Around every command that runs a flow: a temporary Prefect server that cannot outlive the
+    command, and SIGINT/SIGTERM as one line with exit code 130/143 (see flows/server.py)."""
+    from sft_select.flows.server import interruptible, temporary_api
+
+    with interruptible(), temporary_api():
+        yield
+
+
 def _store():
     from sft_select.tasks.core import get_store
 
@@ -61,7 +73,8 @@ def ingest(
     try:
         params = IngestParams(path=str(path), name=name, format=format, on_error=on_error,
                               max_record_chars=max_record_chars)
-        ref = ingest_flow(params)
+        with _flow_session():
+            ref = ingest_flow(params)
     except (InputError, ValueError, KeyError) as e:
         _fail(e)
     report = _store().datasets.list().filter((pl.col("name") == ref.name) & (pl.col("version") == ref.version))
@@ -135,7 +148,8 @@ def run(
                 raise ValueError(f"{method} takes no judge")
             values["judge"] = judge
         values.update(_assignments(set_))
-        ref = flow(model(**values))
+        with _flow_session():
+            ref = flow(model(**values))
     except (KeyError, ValueError) as e:
         _fail(e)
     typer.echo(f"{ref.method}: {ref.rows} examples -> selection {ref.selection_id}, training file {ref.export_path}")
@@ -150,7 +164,8 @@ def demo(
     from sft_select.flows.demo import demo as demo_flow
 
     try:
-        demo_flow(str(path) if path else None, budget)
+        with _flow_session():
+            demo_flow(str(path) if path else None, budget)
     except (KeyError, ValueError) as e:
         _fail(e)
 
@@ -202,7 +217,8 @@ def compare(
             suites=[suite_from_name(s.strip(), limit=limit, judge=judge, max_new_tokens=max_new_tokens)
                     for s in suites.split(",") if s.strip()],
             eval_dir=str(eval_dir.expanduser().resolve()) if eval_dir else None)
-        result = compare_flow(params)
+        with _flow_session():
+            result = compare_flow(params)
     except (KeyError, ValueError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(f"leaderboard: {result.csv}\nreport: {result.report}")
