@@ -12,6 +12,8 @@ from typing import Annotated
 import polars as pl
 import typer
 
+from sft_select.storage.catalog import ReadOnlyStore, check_writable
+
 app = typer.Typer(help="Select the best subset of an instruction-tuning dataset.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 
@@ -44,10 +46,16 @@ def _assignments(items: list[str] | None) -> dict[str, object]:
 
 @contextmanager
 def _flow_session() -> Iterator[None]:
-    """Around every command that runs a flow: a temporary Prefect server that cannot outlive the
-    command, and SIGINT/SIGTERM as one line with exit code 130/143 (see flows/server.py)."""
+    """Around every command that runs a flow: a store that can be written (or one line saying it
+    cannot, before anything starts), a temporary Prefect server that cannot outlive the command, and
+    SIGINT/SIGTERM as one line with exit code 130/143 (see flows/server.py)."""
+    from prefect.settings import PREFECT_HOME
+
     from sft_select.flows.server import interruptible, temporary_api
 
+    _store().check_writable()
+    # Prefect keeps results there, and the temporary server its database
+    check_writable(Path(PREFECT_HOME.value()), "PREFECT_HOME")
     with interruptible(), temporary_api():
         yield
 
@@ -75,7 +83,7 @@ def ingest(
                               max_record_chars=max_record_chars)
         with _flow_session():
             ref = ingest_flow(params)
-    except (InputError, ValueError, KeyError) as e:
+    except (InputError, ValueError, KeyError, ReadOnlyStore) as e:
         _fail(e)
     report = _store().datasets.list().filter((pl.col("name") == ref.name) & (pl.col("version") == ref.version))
     _print(report, "")
@@ -123,7 +131,7 @@ def export(
         else:
             examples = store.datasets.read(name)
         out = write_examples(examples, path, to)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, OSError) as e:  # OSError: the output file cannot be written
         _fail(e)
     typer.echo(f"wrote {examples.height} examples to {out} ({to})")
 
@@ -150,7 +158,7 @@ def run(
         values.update(_assignments(set_))
         with _flow_session():
             ref = flow(model(**values))
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, ReadOnlyStore) as e:
         _fail(e)
     typer.echo(f"{ref.method}: {ref.rows} examples -> selection {ref.selection_id}, training file {ref.export_path}")
 
@@ -166,7 +174,7 @@ def demo(
     try:
         with _flow_session():
             demo_flow(str(path) if path else None, budget)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, ReadOnlyStore) as e:
         _fail(e)
 
 
@@ -219,7 +227,7 @@ def compare(
             eval_dir=str(eval_dir.expanduser().resolve()) if eval_dir else None)
         with _flow_session():
             result = compare_flow(params)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, ReadOnlyStore) as e:
         _fail(e)
     typer.echo(f"leaderboard: {result.csv}\nreport: {result.report}")
 

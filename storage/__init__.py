@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .catalog import Catalog, CatalogBusy
+from .catalog import Catalog, CatalogBusy, ReadOnlyStore, check_writable
 from .datasets import DatasetInfo, DatasetStore, SelectionStore, check_name, fingerprint
 from .examples import SCHEMA, make_example, uid_of
 from .formats import FORMATS, WRITE_FORMATS, InputError, ReadResult, read_examples, write_examples
@@ -33,9 +33,14 @@ class Store:
         self.signals = SignalStore(self.home / "signals", self.catalog)
         self.selections = SelectionStore(self.home / "selections", self.catalog)
 
+    def check_writable(self) -> None:
+        """Fail at once, naming the folder, when the store cannot be written (before a run that would
+        write to it starts, rather than at its first write)."""
+        check_writable(self.home)
+
 
 __all__ = [
     "FORMATS", "SCHEMA", "WRITE_FORMATS", "BatchResult", "Catalog", "CatalogBusy", "DatasetInfo", "DatasetStore",
-    "FillReport", "InputError", "Outcome", "ReadResult", "SelectionStore", "Signal", "SignalStore", "Store",
-    "check_name", "fingerprint", "make_example", "read_examples", "uid_of", "write_examples",
+    "FillReport", "InputError", "Outcome", "ReadOnlyStore", "ReadResult", "SelectionStore", "Signal", "SignalStore",
+    "Store", "check_name", "fingerprint", "make_example", "read_examples", "uid_of", "write_examples",
 ]

@@ -85,7 +85,7 @@ class DatasetStore:
         if version is not None:
             sql += " AND version = ?"
             params.append(version)
-        with self.catalog.connect() as con:
+        with self.catalog.connect(read_only=True) as con:
             row = con.execute(sql + " ORDER BY version DESC LIMIT 1", params).fetchone()
         if row is None:
             known = ", ".join(self.list()["name"].unique().sort().to_list()) or "none yet"
