@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import polars as pl
 import typer
+from pydantic import ValidationError
 
 from sft_select.storage.catalog import ReadOnlyStore, check_writable
 
@@ -27,9 +28,34 @@ def _print(df: pl.DataFrame, empty: str) -> None:
         typer.echo(df)
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception, options: Collection[str] = ()) -> None:
+    """One line on stderr, exit code 2. A parameter that fails validation is named as the option the
+    user typed (``--budget``, one of ``options``), not in pydantic's multi-line report."""
+    if isinstance(error, ValidationError):
+        error = "; ".join(_option_error(e["loc"], e["msg"].removeprefix("Value error, "), options)
+                          for e in error.errors())
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def _option_error(loc: tuple, message: str, options: Collection[str]) -> str:
+    """``budget must be ...`` as ``--budget must be ...``; a field that is no option of the command
+    (a ``--set`` key) keeps its name."""
+    field = ".".join(map(str, loc))
+    if not loc or loc[0] not in options:
+        return f"{field}: {message}"
+    field, message = "--" + field.replace("_", "-"), message.removeprefix(str(loc[0]))
+    return f"{field}{message}" if message.startswith(" ") else f"{field}: {message}"
+
+
+def _check_budget_fits(dataset: str, version: int | None, budget: float | None) -> None:
+    """A count above the pool fails here, in one line, before a flow starts (the flow checks it too)."""
+    from sft_select.tasks.select import resolve_budget
+
+    try:
+        resolve_budget(budget, _store().datasets.get(dataset, version).rows)
+    except ValueError as e:
+        raise ValueError(_option_error(("budget",), str(e), ["budget"])) from None
 
 
 def _assignments(items: list[str] | None) -> dict[str, object]:
@@ -138,6 +164,7 @@ def export(
 
 @app.command()
 def run(
+    ctx: typer.Context,
     method: Annotated[str, typer.Argument(help="Selection method, e.g. random, longest, coreset, alpagasus.")],
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     budget: Annotated[float | None, typer.Option(help="Count (>= 1) or fraction (< 1).")] = 0.1,
@@ -156,10 +183,12 @@ def run(
                 raise ValueError(f"{method} takes no judge")
             values["judge"] = judge
         values.update(_assignments(set_))
+        params = model(**values)
+        _check_budget_fits(params.dataset, params.dataset_version, params.budget)
         with _flow_session():
-            ref = flow(model(**values))
+            ref = flow(params)
     except (KeyError, ValueError, ReadOnlyStore) as e:
-        _fail(e)
+        _fail(e, ctx.params)
     typer.echo(f"{ref.method}: {ref.rows} examples -> selection {ref.selection_id}, training file {ref.export_path}")
 
 
@@ -171,7 +200,13 @@ def demo(
     """The main job on embedded defaults: ingest a pool, run every baseline and method, compare."""
     from sft_select.flows.demo import demo as demo_flow
 
+    from sft_select.tasks.select import check_budget
+
     try:
+        try:
+            check_budget(budget)
+        except ValueError as e:
+            raise ValueError(_option_error(("budget",), str(e), ["budget"])) from None
         with _flow_session():
             demo_flow(str(path) if path else None, budget)
     except (KeyError, ValueError, ReadOnlyStore) as e:
@@ -180,6 +215,7 @@ def demo(
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     budget: Annotated[float, typer.Option(help="Count (>= 1) or fraction (< 1), the same for every method.")] = 0.1,
     methods: Annotated[str, typer.Option(help="Methods, comma-separated; random, longest and full data are "
@@ -225,10 +261,11 @@ def compare(
             suites=[suite_from_name(s.strip(), limit=limit, judge=judge, max_new_tokens=max_new_tokens)
                     for s in suites.split(",") if s.strip()],
             eval_dir=str(eval_dir.expanduser().resolve()) if eval_dir else None)
+        _check_budget_fits(dataset, None, budget)
         with _flow_session():
             result = compare_flow(params)
     except (KeyError, ValueError, FileNotFoundError, ReadOnlyStore) as e:
-        _fail(e)
+        _fail(e, ctx.params)
     typer.echo(f"leaderboard: {result.csv}\nreport: {result.report}")
 
 

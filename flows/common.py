@@ -13,11 +13,12 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from sft_select.storage import write_examples
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store
 from sft_select.tasks.report import cost_table, publish_markdown, publish_table, stats, stats_rows
+from sft_select.tasks.select import check_budget
 
 EXPORT_SUFFIX = {"alpaca": ".json", "sharegpt": ".json", "messages": ".jsonl", "parquet": ".parquet"}
 
@@ -33,6 +34,11 @@ class MethodParams(BaseModel):
         "alpaca", description="Training-file format: alpaca / sharegpt (LLaMA-Factory, Axolotl), "
                               "messages (TRL), parquet.")
     seed: int = Field(0, description="Random seed, for methods that sample.")
+
+    @field_validator("budget")
+    @classmethod
+    def _meaningful_budget(cls, budget: float | None) -> float | None:
+        return check_budget(budget)
 
 
 class SelectionRef(BaseModel):

@@ -62,6 +62,8 @@ class DatasetStore:
                  report: dict[str, Any] | None = None) -> DatasetInfo:
         """Store ``examples`` under ``name``; a new version only when the content changed."""
         check_name(name)
+        if examples.height == 0:
+            raise ValueError(f"dataset {name!r}: no examples to register")
         examples = examples.select(list(SCHEMA)).unique("uid", maintain_order=True)
         fp = fingerprint(examples["uid"])
         path = self.root / f"{fp}.parquet"
