@@ -98,7 +98,8 @@ def ingest(
     name: Annotated[str, typer.Option("--name", "-n", help="Dataset name.")],
     format: Annotated[str, typer.Option(help="auto, alpaca, sharegpt, messages or canonical.")] = "auto",
     on_error: Annotated[str, typer.Option(help="stop (default) or skip bad records.")] = "stop",
-    max_record_chars: Annotated[int, typer.Option(help="Longest turn accepted.")] = 1_000_000,
+    max_record_chars: Annotated[int, typer.Option(help="Longest record accepted, in characters (checked as it "
+                                                       "is read).")] = 1_000_000,
 ) -> None:
     """Register a pool of instruction data as a dataset and print its statistics."""
     from sft_select.flows.ingest import IngestParams, ingest as ingest_flow
