@@ -117,9 +117,11 @@ def test_interrupted_run_stops_at_once_and_resumes(drill, signum, code, whole_gr
     except subprocess.TimeoutExpired:
         cli.kill()
     took, err = time.monotonic() - started, (home.parent / "err.txt").read_text()
+    print(f"{signal.Signals(signum).name}: the CLI stopped in {took:.1f} s")  # the figure in docs/results.md
     assert took < 10, f"took {took:.1f} s to stop"
     assert cli.returncode == code, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"stopped by {signal.Signals(signum).name}")
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith(f"stopped by {signal.Signals(signum).name}")
     marker = f"PREFECT_HOME={env['PREFECT_HOME']}".encode()
     assert _wait_gone(marker, 3) == [], "a process of the run (the temporary server) outlived the CLI"
     assert _last_flow_run_state(env) in {"CRASHED", "CANCELLED"}
@@ -143,4 +145,6 @@ def test_killed_cli_leaves_no_server(drill):
     cli.kill()
     cli.wait(timeout=10)
     marker = f"PREFECT_HOME={env['PREFECT_HOME']}".encode()
+    started = time.monotonic()
     assert _wait_gone(marker, 5) == [], "the temporary server outlived a kill -9 of the CLI"
+    print(f"kill -9: the temporary server was gone {time.monotonic() - started:.1f} s after the CLI")
