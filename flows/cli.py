@@ -200,7 +200,6 @@ def demo(
 ) -> None:
     """The main job on embedded defaults: ingest a pool, run every baseline and method, compare."""
     from sft_select.flows.demo import demo as demo_flow
-
     from sft_select.tasks.select import check_budget
 
     try:

@@ -108,9 +108,8 @@ def interruptible(message: str = "finished batches are kept: run the same comman
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         name, code = ("SIGINT", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
-        print(f"stopped by {name}: {message}", file=sys.stderr, flush=True)
-        sys.stderr.flush()
         sys.stdout.flush()
+        print(f"stopped by {name}: {message}", file=sys.stderr, flush=True)
         # Threads still busy with the interrupted work (a model call in flight) must not hold the exit.
         os._exit(code)
     finally:
