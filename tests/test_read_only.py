@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,8 +26,11 @@ MOUNT_READ_ONLY = 'mount --bind -o ro "$0" "$0" && exec "$@"'
 
 
 @pytest.fixture(scope="module")
-def can_mount() -> None:
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", MOUNT_READ_ONLY, "/tmp", "true"], capture_output=True)
+def can_mount(tmp_path_factory) -> None:
+    folder = str(tmp_path_factory.mktemp("probe"))
+    if shutil.which("unshare") is None:
+        pytest.skip("cannot bind-mount a folder read-only here: no unshare (util-linux)")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", MOUNT_READ_ONLY, folder, "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot bind-mount a folder read-only here (unshare -rm: {probe.stderr.decode().strip()})")
 
