@@ -30,6 +30,7 @@ bench: install
 	$(PY) benchmarks/loss_engine.py --examples 32
 	$(PY) benchmarks/ifd_throughput.py --limit 128
 	$(PY) benchmarks/storage_1m.py
+	$(PY) benchmarks/record_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,11 +7,16 @@ import json
 import logging
 import sys
 import typing
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import polars as pl
 import typer
+from pydantic import ValidationError
+
+from sft_select.storage.catalog import ReadOnlyStore, check_writable
 
 app = typer.Typer(help="Select the best subset of an instruction-tuning dataset.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -33,11 +38,10 @@ def _print(df: pl.DataFrame, empty: str) -> None:
         typer.echo(df)
 
 
-def _message(error: Exception, known: list[str] | None = None, name: str | None = None) -> str:
-    """One line for an error; a pydantic validation error names each field, and an unknown field the
-    closest of ``known``."""
-    from pydantic import ValidationError
-
+def _message(error: Exception, known: list[str] | None = None, name: str | None = None,
+             options: Collection[str] = ()) -> str:
+    """One line for an error. A pydantic validation error names each field, as the option the user
+    typed where it is one (``--budget``, one of ``options``), and an unknown field the closest of ``known``."""
     if not isinstance(error, ValidationError):
         text = error.args[0] if isinstance(error, KeyError) and error.args else error  # str(KeyError) is quoted
         return str(text).strip().replace("\n", "; ")
@@ -49,25 +53,24 @@ def _message(error: Exception, known: list[str] | None = None, name: str | None 
             parts.append(f"{field}: no such parameter of {name or error.title}"
                          + (f" (did you mean {close[0]}?)" if close else ""))
         else:
-            parts.append(f"{field}: {e['msg']}")
+            parts.append(_option_error(e["loc"], e["msg"].removeprefix("Value error, "), options))
     return "; ".join(parts)
 
 
-def _fail(error: Exception, code: int = 2) -> None:
+def _fail(error: Exception, code: int = 2, options: Collection[str] = ()) -> None:
+    """One line on stderr (``--debug``: the traceback), and the exit code."""
     if _DEBUG:
         raise error
-    typer.secho(f"error: {_message(error)}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_message(error, options=options)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
-def _validate(model, values: dict, name: str):
+def _validate(model, values: dict, name: str, options: Collection[str] = ()):
     """``model(**values)``; a validation error becomes one line naming each field."""
-    from pydantic import ValidationError
-
     try:
         return model(**values)
     except ValidationError as e:
-        raise ValueError(_message(e, list(model.model_fields), name)) from None
+        raise ValueError(_message(e, list(model.model_fields), name, options)) from None
 
 
 def _parameters(model) -> str:
@@ -116,6 +119,26 @@ def _quiet_run_failures() -> None:
             logger.addFilter(_NoTraceback())
 
 
+def _option_error(loc: tuple, message: str, options: Collection[str]) -> str:
+    """``budget must be ...`` as ``--budget must be ...``; a field that is no option of the command
+    (a ``--set`` key) keeps its name."""
+    field = ".".join(map(str, loc))
+    if not loc or loc[0] not in options:
+        return f"{field}: {message}"
+    field, message = "--" + field.replace("_", "-"), message.removeprefix(str(loc[0]))
+    return f"{field}{message}" if message.startswith(" ") else f"{field}: {message}"
+
+
+def _check_budget_fits(dataset: str, version: int | None, budget: float | None) -> None:
+    """A count above the pool fails here, in one line, before a flow starts (the flow checks it too)."""
+    from sft_select.tasks.select import resolve_budget
+
+    try:
+        resolve_budget(budget, _store().datasets.get(dataset, version).rows)
+    except ValueError as e:
+        raise ValueError(_option_error(("budget",), str(e), ["budget"])) from None
+
+
 def _assignments(items: list[str] | None) -> dict[str, object]:
     """KEY=VALUE options as a dict; a value is JSON where it parses (numbers, lists), else text."""
     values: dict[str, object] = {}
@@ -126,6 +149,22 @@ def _assignments(items: list[str] | None) -> dict[str, object]:
         except json.JSONDecodeError:
             values[key] = raw
     return values
+
+
+@contextmanager
+def _flow_session() -> Iterator[None]:
+    """Around every command that runs a flow: a store that can be written (or one line saying it
+    cannot, before anything starts), a temporary Prefect server that cannot outlive the command, and
+    SIGINT/SIGTERM as one line with exit code 130/143 (see flows/server.py)."""
+    from prefect.settings import PREFECT_HOME
+
+    from sft_select.flows.server import interruptible, temporary_api
+
+    _store().check_writable()
+    # Prefect keeps results there, and the temporary server its database
+    check_writable(Path(PREFECT_HOME.value()), "PREFECT_HOME")
+    with interruptible(), temporary_api():
+        yield
 
 
 def _store():
@@ -140,7 +179,8 @@ def ingest(
     name: Annotated[str, typer.Option("--name", "-n", help="Dataset name.")],
     format: Annotated[str, typer.Option(help="auto, alpaca, sharegpt, messages or canonical.")] = "auto",
     on_error: Annotated[str, typer.Option(help="stop (default) or skip bad records.")] = "stop",
-    max_record_chars: Annotated[int, typer.Option(help="Longest turn accepted.")] = 1_000_000,
+    max_record_chars: Annotated[int, typer.Option(help="Longest record accepted, in characters (checked as it "
+                                                       "is read).")] = 1_000_000,
 ) -> None:
     """Register a pool of instruction data as a dataset and print its statistics."""
     from sft_select.flows.ingest import IngestParams, ingest as ingest_flow
@@ -149,8 +189,9 @@ def ingest(
     try:
         params = IngestParams(path=str(path), name=name, format=format, on_error=on_error,
                               max_record_chars=max_record_chars)
-        ref = ingest_flow(params)
-    except (InputError, ValueError, KeyError) as e:
+        with _flow_session():
+            ref = ingest_flow(params)
+    except (InputError, ValueError, KeyError, ReadOnlyStore) as e:
         _fail(e)
     report = _store().datasets.list().filter((pl.col("name") == ref.name) & (pl.col("version") == ref.version))
     _print(report, "")
@@ -228,7 +269,7 @@ def export(
             examples = store.datasets.read(name)
         entry = llamafactory_entry(path.resolve(), to) if dataset_info else None
         out = write_examples(examples, path, to)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, OSError) as e:  # OSError: the output file cannot be written
         _fail(e)
     typer.echo(f"wrote {examples.height} examples to {out} ({to})")
     if entry is not None:
@@ -304,14 +345,15 @@ def run(
                 raise ValueError(f"{method} takes no judge")
             values["judge"] = judge
         values.update(_assignments(set_))
-        params = _validate(model, values, method)
-        _store().datasets.get(dataset, params.dataset_version)  # before a Prefect server starts for nothing
-        if dry:
-            _print_plan(*_plan(flow, params))
-            return
-        ref = flow(params)
-    except (KeyError, ValueError) as e:
-        _fail(e)
+        params = _validate(model, values, method, ctx.params)
+        _check_budget_fits(params.dataset, params.dataset_version, params.budget)  # before any flow starts
+        with _flow_session():
+            if dry:
+                _print_plan(*_plan(flow, params))
+                return
+            ref = flow(params)
+    except (KeyError, ValueError, ReadOnlyStore) as e:
+        _fail(e, options=ctx.params)
     except _run_failures() as e:
         _fail(e, 1)
     typer.echo(f"{ref.method}: {ref.rows} examples -> selection {ref.selection_id}, training file {ref.export_path}")
@@ -324,11 +366,17 @@ def demo(
 ) -> None:
     """The main job on embedded defaults: ingest a pool, run every baseline and method, compare."""
     from sft_select.flows.demo import demo as demo_flow
+    from sft_select.tasks.select import check_budget
 
     try:
+        try:
+            check_budget(budget)
+        except ValueError as e:
+            raise ValueError(_option_error(("budget",), str(e), ["budget"])) from None
         _quiet_run_failures()
-        demo_flow(str(path) if path else None, budget)
-    except (KeyError, ValueError) as e:
+        with _flow_session():
+            demo_flow(str(path) if path else None, budget)
+    except (KeyError, ValueError, ReadOnlyStore) as e:
         _fail(e)
     except _run_failures() as e:
         _fail(e, 1)
@@ -336,6 +384,7 @@ def demo(
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="Dataset name.")],
     budget: Annotated[float, typer.Option(help="Count (>= 1) or fraction (< 1), the same for every method.")] = 0.1,
     methods: Annotated[str, typer.Option(help="Methods, comma-separated; random, longest and full data are "
@@ -384,18 +433,20 @@ def compare(
                     for s in suites.split(",") if s.strip()],
             eval_dir=str(eval_dir.expanduser().resolve()) if eval_dir else None)
         _quiet_run_failures()
-        if dry:
-            from sft_select.flows.compare import method_params, with_baselines
+        _check_budget_fits(dataset, None, budget)
+        with _flow_session():
+            if dry:
+                from sft_select.flows.compare import method_params, with_baselines
 
-            for run in with_baselines(params.methods):
-                rows, stopped = _plan(load_flow(run.method), method_params(run, params))
-                typer.echo(f"{run.name}:")
-                _print_plan(rows, stopped)
-            typer.echo("(not counted: fine-tuning and evaluating each selection, and the calls of judge suites)")
-            return
-        result = compare_flow(params)
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        _fail(e)
+                for run in with_baselines(params.methods):
+                    rows, stopped = _plan(load_flow(run.method), method_params(run, params))
+                    typer.echo(f"{run.name}:")
+                    _print_plan(rows, stopped)
+                typer.echo("(not counted: fine-tuning and evaluating each selection, and the calls of judge suites)")
+                return
+            result = compare_flow(params)
+    except (KeyError, ValueError, FileNotFoundError, ReadOnlyStore) as e:
+        _fail(e, options=ctx.params)
     except _run_failures() as e:
         _fail(e, 1)
     typer.echo(f"leaderboard: {result.csv}\nreport: {result.report}")

@@ -13,14 +13,14 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sft_select.storage import NotFilled, write_examples
 from sft_select.storage.formats import SUFFIX
 from sft_select.tasks.core import DatasetRef, SignalRef, get_store, planning
 from sft_select.tasks.report import (cost_table, histogram_rows, publish_markdown, publish_table, shorten, stats,
                                      stats_rows)
-from sft_select.tasks.select import resolve_budget
+from sft_select.tasks.select import check_budget, resolve_budget
 
 
 
@@ -45,6 +45,11 @@ class MethodParams(BaseModel):
 
 class IncompleteSelection(RuntimeError):
     """A selection fell short of its budget because examples failed, not because of the method's rule."""
+
+    @field_validator("budget")
+    @classmethod
+    def _meaningful_budget(cls, budget: float | None) -> float | None:
+        return check_budget(budget)
 
 
 class SelectionRef(BaseModel):

@@ -45,7 +45,7 @@ from typing import Any
 
 import polars as pl
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sft_select.flows.common import _key
 from sft_select.flows.registry import load_flow, params_model
@@ -54,7 +54,7 @@ from sft_select.tasks.evaluate import (IFEval, MTBench, PairwiseJudge, Reference
                                        tune_and_evaluate)
 from sft_select.tasks.finetune import Recipe
 from sft_select.tasks.leaderboard import LeaderboardRow, leaderboard_row, paired_to_random, publish, rank
-from sft_select.tasks.select import resolve_budget
+from sft_select.tasks.select import check_budget, resolve_budget
 
 BASELINES = ("random", "longest")  # selection baselines; "full" (the whole pool) is added without a flow
 COMPARE_OWNS = {"dataset", "dataset_version", "budget"}  # fields no method run may set
@@ -95,7 +95,7 @@ class CompareParams(BaseModel):
 
     dataset: str = Field(description="Name of a dataset registered with `sft-select ingest`.")
     dataset_version: int | None = Field(None, description="Version of the dataset; the latest when empty.")
-    budget: float = Field(0.1, gt=0, description="Examples every method keeps: a count (>= 1) or a fraction (< 1).")
+    budget: float = Field(0.1, description="Examples every method keeps: a count (>= 1) or a fraction (< 1).")
     methods: list[MethodRun] = Field(
         default_factory=lambda: [MethodRun(method="random"), MethodRun(method="longest")],
         description="Method runs; random, longest and full data are always added as baselines.")
@@ -112,6 +112,11 @@ class CompareParams(BaseModel):
                                               "(the costliest row; with recipe.max_steps set it trains as many "
                                               "steps as every other row, on a random sample of the pool).")
     seed: int = Field(0, description="Seed of every method that samples (random among them).")
+
+    @field_validator("budget")
+    @classmethod
+    def _meaningful_budget(cls, budget: float) -> float:
+        return check_budget(budget)
 
 
 class CompareResult(BaseModel):

@@ -24,7 +24,8 @@ class IngestParams(BaseModel):
     format: Literal["auto", "alpaca", "sharegpt", "messages", "canonical"] = "auto"
     on_error: Literal["stop", "skip"] = Field(
         "stop", description="stop at the first bad record, or skip bad records (counted and kept in rejects/).")
-    max_record_chars: int = Field(MAX_RECORD_CHARS, description="Longest turn accepted, in characters.")
+    max_record_chars: int = Field(MAX_RECORD_CHARS, description="Longest record accepted, in characters: a JSON "
+                                                                "record's text, a Parquet row's turns.")
 
 
 @flow(name="ingest", log_prints=True)

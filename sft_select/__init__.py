@@ -11,12 +11,18 @@ is set) and switches off what fails offline, before Prefect itself is imported.
 import logging
 import os
 import sys
+import warnings
 
 from .settings import settings
 
 __version__ = "0.1.0"
 
-settings().home.mkdir(parents=True, exist_ok=True)
+try:  # Prefect creates PREFECT_HOME below, but not its parents
+    settings().home.mkdir(parents=True, exist_ok=True)
+except OSError:
+    pass  # a read-only home: listing and export still work; a command that writes says so in one line
+# ... and so does one that needs PREFECT_HOME (flows/cli.py), in place of Prefect's warning at import
+warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
 os.environ.setdefault("PREFECT_HOME", str(settings().home / "prefect"))
 # The temporary server a flow starts without PREFECT_API_URL needs longer than Prefect's default on a
 # busy 2-core machine, the first time above all (it creates its database).

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .catalog import Catalog, CatalogBusy
+from .catalog import Catalog, CatalogBusy, ReadOnlyStore, check_writable
 from .derived import Derived, DerivedStore, derived_key
 from .datasets import DatasetInfo, DatasetStore, SelectionStore, check_name, fingerprint
 from .examples import SCHEMA, make_example, uid_of
@@ -37,10 +37,15 @@ class Store:
         self.selections = SelectionStore(self.home / "selections", self.catalog)
         self.derived = DerivedStore(self.home / "derived", self.catalog)
 
+    def check_writable(self) -> None:
+        """Fail at once, naming the folder, when the store cannot be written (before a run that would
+        write to it starts, rather than at its first write)."""
+        check_writable(self.home)
+
 
 __all__ = [
     "FORMATS", "SCHEMA", "WRITE_FORMATS", "BatchResult", "Catalog", "CatalogBusy", "DatasetInfo", "DatasetStore",
-    "Derived", "DerivedStore", "FillAborted", "FillReport", "InputError", "NotFilled", "Outcome", "ReadResult",
-    "SelectionStore", "Signal", "SignalStore", "Store",
-    "check_name", "derived_key", "fingerprint", "make_example", "read_examples", "uid_of", "write_examples",
+    "Derived", "DerivedStore", "FillAborted", "FillReport", "InputError", "NotFilled", "Outcome", "ReadOnlyStore",
+    "ReadResult", "SelectionStore", "Signal", "SignalStore", "Store", "check_name", "check_writable", "derived_key",
+    "fingerprint", "make_example", "read_examples", "uid_of", "write_examples",
 ]

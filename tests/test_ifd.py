@@ -50,7 +50,7 @@ def parts(store, *signals) -> list:
 
 
 def test_cherry_ifd_is_the_loss_ratio_and_drops_ifd_at_or_above_one(pool, store, tiny_path):
-    ref = ifd(IFDParams(dataset="fruit", model=tiny_path, pre_experience=False, max_length=64, budget=100))
+    ref = ifd(IFDParams(dataset="fruit", model=tiny_path, pre_experience=False, max_length=64, budget=len(pool)))
     chosen = store.selections.read(ref.selection_id)
     cond = lm_loss_signal(tiny_path, conditioned=True, template="alpaca", max_length=64)
     uncond = lm_loss_signal(tiny_path, conditioned=False, template="alpaca", max_length=64)
@@ -83,7 +83,7 @@ def test_cherry_ifd_is_the_loss_ratio_and_drops_ifd_at_or_above_one(pool, store,
 
 
 def test_superfiltering_is_the_perplexity_ratio_without_template(pool, store, tiny_path):
-    ref = ifd(IFDParams(dataset="fruit", variant="superfiltering", model=tiny_path, budget=100))
+    ref = ifd(IFDParams(dataset="fruit", variant="superfiltering", model=tiny_path, budget=len(pool)))
     chosen = store.selections.read(ref.selection_id)
     assert chosen.height and (chosen["score"] < 1).all()
     assert json.loads(store.selections.list().filter(pl.col("selection_id") == ref.selection_id)["params"][0])[
@@ -124,7 +124,7 @@ def test_cherry_scores_with_the_pre_experienced_model(pool, store, tiny_path, tm
     monkeypatch.setenv("SFT_SELECT_MODEL_CACHE", str(tmp_path / "models"))
     settings.cache_clear()
     recipe = Recipe(max_steps=2, batch_size=4, template="alpaca", save_steps=100)
-    ref = ifd(IFDParams(dataset="fruit", model=tiny_path, max_length=64, budget=100, clusters=2, per_cluster=3,
+    ref = ifd(IFDParams(dataset="fruit", model=tiny_path, max_length=64, budget=len(pool), clusters=2, per_cluster=3,
                         recipe=recipe))
     models = store.catalog.query("SELECT name, model FROM signals ORDER BY name")
     scorers = models.filter(pl.col("name") == "lm_loss")["model"].to_list()

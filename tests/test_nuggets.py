@@ -37,7 +37,7 @@ def test_golden_score_is_the_fraction_of_anchors_a_demonstration_helps(store, ti
             for r in map(repeat_word, WORDS)]
     store.datasets.register("fruit", frame(rows))
     # as many anchors as examples: every example is the one nearest its own centroid
-    ref = nuggets(NuggetsParams(dataset="fruit", model=tiny_path, anchors=len(rows), budget=100))
+    ref = nuggets(NuggetsParams(dataset="fruit", model=tiny_path, anchors=len(rows), budget=len(rows)))
     signal = golden_score_signal(tiny_path, [r["uid"] for r in rows])
     assert signal.params["anchors"] == fingerprint([r["uid"] for r in rows])
     values = store.signals.read(signal)
