@@ -42,14 +42,14 @@ class MethodParams(BaseModel):
         False, description="Accept a selection that falls short of its budget because examples failed (they "
                            "have no value); otherwise such a run saves it and then fails, saying how many failed.")
 
-
-class IncompleteSelection(RuntimeError):
-    """A selection fell short of its budget because examples failed, not because of the method's rule."""
-
     @field_validator("budget")
     @classmethod
     def _meaningful_budget(cls, budget: float | None) -> float | None:
         return check_budget(budget)
+
+
+class IncompleteSelection(RuntimeError):
+    """A selection fell short of its budget because examples failed, not because of the method's rule."""
 
 
 class SelectionRef(BaseModel):

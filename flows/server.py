@@ -87,8 +87,12 @@ class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that every ``finally`` runs."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
+_received: list[int] = []  # the signals this process was sent: what an interrupted call turned them into may differ
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
 @contextmanager
@@ -101,19 +105,26 @@ def interruptible(message: str = "finished batches are kept: run the same comman
     """
     from prefect.exceptions import TerminationSignal
 
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _received.clear()
     try:
         yield
-    except (KeyboardInterrupt, Terminated, TerminationSignal) as e:
+    except BaseException as e:
+        # a signal can surface as another error: DuckDB turns one that arrives mid-query into
+        # "Query interrupted", and the flow run then fails with it
+        if not (_received or isinstance(e, (KeyboardInterrupt, Terminated, TerminationSignal))):
+            raise
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        name, code = ("SIGINT", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
+        first = _received[0] if _received else (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+        name, code = ("SIGINT", 130) if first == signal.SIGINT else ("SIGTERM", 143)
         sys.stdout.flush()
         print(f"stopped by {name}: {message}", file=sys.stderr, flush=True)
         # Threads still busy with the interrupted work (a model call in flight) must not hold the exit.
         os._exit(code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _watch_parent(parent: int) -> None:
