@@ -234,7 +234,7 @@ def ifd(params: IFDParams) -> SelectionRef:
         m = resolve_budget(CHERRY_SAMPLE_RATE, kept.height) if kept.height else 0
     else:
         m = resolve_budget(SUPERFILTERING_BUDGET, dataset.rows)
-    params = params.model_copy(update={"budget": params.budget or m})  # the selection records the count used
+    params = params.model_copy(update={"budget": params.budget or m or None})  # the selection records the count
     selection = select(kept.select("uid", score="ifd"), m=m, label="IFD")
 
     counts = {"examples": table.height, "no IFD (no loss, or s(A) = 0)": table.height - scored.height,

@@ -209,6 +209,8 @@ def indicator_table(params: InstructMiningParams, dataset: DatasetRef,
     names = list(params.indicators or DEFAULT + (list(JUDGED) if params.judge else []))
     if params.rule == "paper":
         names = list(PAPER_RULE.indicators)
+        if params.knn != 6:
+            raise ValueError(f"rule='paper' has a KNN-6 term: knn must be 6, not {params.knn}")
         if params.reward_signal is None:
             raise ValueError("rule='paper' has a reward term (-0.1498 x Rew, a reward-model score) and this project "
                              "computes no reward signal yet: pass reward_signal=<id of a stored signal holding one per "

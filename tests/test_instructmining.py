@@ -186,6 +186,8 @@ def test_paper_rule_needs_a_reward_signal_and_applies_the_published_coefficients
     reward = Signal("reward", {"model": "test-reward"}, kind="float")
     values = {u: float(i % 5) - 2.0 for i, u in enumerate(pool["uid"])}
     store.signals.fill(reward, pool, lambda b: BatchResult([Outcome(value=values[u]) for u in b["uid"]], {}))
+    with pytest.raises(ValueError, match="KNN-6"):
+        instructmining(InstructMiningParams(dataset="toy", rule="paper", reward_signal=reward.id, knn=5))
     ref = instructmining(InstructMiningParams(dataset="toy", rule="paper", reward_signal=reward.id, budget=5))
 
     chosen = store.selections.read(ref.selection_id)

@@ -345,7 +345,9 @@ def example_losses(
     bf16: bool = False,
 ) -> list[AnswerLoss]:
     """``s(A|Q)`` (``conditioned``) or ``s(A)`` for canonical examples (dicts with ``messages``,
-    ``instruction``, ``input``), counting the same answer tokens in both conditions. An example
+    ``instruction``, ``input``), counting the same answer tokens in both conditions (but for
+    ``template="none"``'s ``s(A)``, which leaves the first of them unscored when the tokenizer
+    puts no start token before a text). An example
     that cannot be scored (no answer, no room for one, a template that rejects its turns) gets
     ``loss=None`` and its ``error``; the others are unaffected."""
     check_template(tokenizer, template)  # a wrong setting fails loudly, not as one error per example
