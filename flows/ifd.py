@@ -200,7 +200,9 @@ def brief_experience(dataset: DatasetRef, base: str, params: IFDParams) -> tuple
     print(f"ifd: brief experience on {sample.height} examples from {clusters.k} clusters "
           f"(percentiles {params.percentiles[0]:g}-{params.percentiles[1]:g} of instruction perplexity)")
     examples = dataset.read().join(sample.select("uid"), on="uid", how="semi").sort("uid")
-    return finetune_task(as_scored(examples), base, params.recipe), refs
+    if params.recipe.template == "alpaca":  # train on the very prompt that scoring uses
+        examples = as_scored(examples)
+    return finetune_task(examples, base, params.recipe), refs
 
 
 @flow(name="ifd", log_prints=True)

@@ -19,7 +19,7 @@ from tiny_lm import WORDS, build_tiny_llama, repeat_word
 
 from sft_select.flows.ifd import IFDParams, as_scored, ifd, ifd_table, pre_experience_sample
 from sft_select.settings import settings
-from sft_select.storage import make_example
+from sft_select.storage import fingerprint, make_example
 from sft_select.storage.examples import frame
 from sft_select.tasks.backends import lm
 from sft_select.tasks.backends.models import load_causal_lm, model_identity
@@ -173,8 +173,12 @@ def test_cherry_scores_with_the_pre_experienced_model(pool, store, tiny_path, tm
     monkeypatch.setenv("SFT_SELECT_MODEL_CACHE", str(tmp_path / "models"))
     settings.cache_clear()
     recipe = Recipe(max_steps=2, batch_size=4, template="alpaca", save_steps=100)
-    ref = ifd(IFDParams(dataset="fruit", model=tiny_path, max_length=64, budget=100, clusters=2, per_cluster=3,
+    # per_cluster above every cluster's size: the whole pool is the brief-experience sample
+    ref = ifd(IFDParams(dataset="fruit", model=tiny_path, max_length=64, budget=100, clusters=2, per_cluster=20,
                         recipe=recipe))
+    (trained,) = [json.loads(p.read_text()) for p in (tmp_path / "models").rglob("finetune.json")]
+    rewritten = as_scored(store.datasets.read("fruit"))  # LONG with its "### Input:" section, as scored
+    assert trained["selection_fingerprint"] == fingerprint(rewritten["uid"]) != fingerprint(list(pool))
     models = store.catalog.query("SELECT name, model FROM signals ORDER BY name")
     scorers = models.filter(pl.col("name") == "lm_loss")["model"].to_list()
     assert len(scorers) == 2 and all("finetuned" in m for m in scorers)  # both losses by the experienced model
