@@ -21,10 +21,19 @@ judge's first-token distribution over "0".."5", taking the expected score sum_k 
 device DEITA uses): a 135M local model rarely writes a parseable first line (79 of 80 failed on
 alpaca_9k), but its digit distribution always gives a rating. It is a deviation from the paper's
 text rating, and a model that small is a weak judge: use a capable judge for real selections.
+
+Threshold (``threshold="paper"``, the default): 4.5 on the text rating, as the paper. The
+expected score is another scale (it averages over the judge's doubt, so even good answers sit
+well below 4.5: a run on 1,500 examples of a real pool kept 1), so for it the paper's threshold is
+calibrated by the share it kept, 9,229 of 52,002 (17.7%): the threshold is the pool's
+``1 - 0.177`` quantile of expected scores (ties at it are kept, as ``>=`` keeps them). A number
+is used as it is on either scale; empty applies none. The resolved value is recorded with the
+selection.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import polars as pl
@@ -39,11 +48,27 @@ from sft_select.tasks.prompts import ALPAGASUS
 from sft_select.tasks.report import histogram_rows, publish_table
 from sft_select.tasks.select import resolve_budget, select
 
+PAPER_THRESHOLD = 4.5
+PAPER_KEPT_SHARE = 9229 / 52002  # what the paper's threshold kept of Alpaca with ChatGPT as the judge
+
+
+def calibrated_threshold(scores: pl.Series, share: float = PAPER_KEPT_SHARE) -> float | None:
+    """The expected score at or above which ``share`` of the rated examples lie: the paper's 4.5
+    carried over to the expected-score scale by the share of the pool it kept (None when nothing
+    is rated)."""
+    rated = scores.drop_nulls().drop_nans().sort(descending=True)
+    if rated.is_empty():
+        return None
+    return float(rated[max(math.ceil(share * rated.len()), 1) - 1])
+
+
 class AlpaGasusParams(MethodParams):
     budget: float | None = Field(
         None, description="Keep at most this many of the best rated: a count (>= 1) or a fraction (< 1); "
                           "empty keeps every example at or above the threshold.")
-    threshold: float | None = Field(4.5, description="Keep ratings >= this (the paper's 4.5); empty: no threshold.")
+    threshold: float | Literal["paper"] | None = Field(
+        "paper", description="Keep ratings >= this; 'paper': 4.5 on the text rating, and on the expected score the "
+                             "value that keeps the share the paper's 4.5 kept (17.7%) of the pool; empty: none.")
     criterion: Literal["accuracy", "helpfulness"] = Field(
         "accuracy", description="What the judge rates: accuracy (the paper's main filter) or helpfulness.")
     scoring: Literal["auto", "text", "expected"] = Field(
@@ -69,8 +94,12 @@ def alpagasus(params: AlpaGasusParams) -> SelectionRef:
     rated = score_with_llm(signal, dataset, batch_size=params.batch_size)
     scores = get_store().signals.values(signal, dataset.read(["uid"])["uid"], alias="score")
 
+    threshold = params.threshold
+    if threshold == "paper":
+        threshold = PAPER_THRESHOLD if scoring == "text" else calibrated_threshold(scores["score"])
+    params = params.model_copy(update={"threshold": threshold})  # the selection records the value applied
     m = resolve_budget(params.budget, dataset.rows) if params.budget is not None else None
-    selection = select(scores, m=m, threshold=params.threshold, label=f"{params.criterion} rating")
+    selection = select(scores, m=m, threshold=threshold, label=f"{params.criterion} rating")
 
     publish_table("alpagasus-ratings", histogram_rows(scores["score"], missing="no rating (error)"),
                   f"{params.criterion} ratings by {signal.model} on {dataset.name}@{dataset.version}")

@@ -12,7 +12,8 @@ MiniGPT-4"), for text data.
    subset during training, over the example alone when scoring).
 4. Selection for diversity: spectral clustering of the embeddings into 10 clusters; each cluster
    offers its best-scored examples in proportion to its size (at least one), and the m best-scored
-   of those are kept. Paper: 200 of ~3.4k (MiniGPT-4's alignment data) beat the full set.
+   of those are kept. Paper: 200 of 3,439 (MiniGPT-4's alignment data) beat the full set; the
+   default budget is that share, 200 / 3,439 = 5.8% of the pool.
 
 Deviations: the data here are text, so the CLIP image-text score and the image embedding are not
 used (no image column exists in the canonical schema), nor is the reward score (no reward model
@@ -186,7 +187,13 @@ def diverse_top(scores: np.ndarray, clusters: np.ndarray, m: int) -> np.ndarray:
 # -- the flow ----------------------------------------------------------------------------------------------
 
 
+PAPER_SHARE = 200 / 3439  # the paper keeps 200 of MiniGPT-4's 3,439 alignment examples
+
+
 class InstructionGPT4Params(LabelSettings, MethodParams):
+    budget: float | None = Field(
+        PAPER_SHARE, description="How many to keep: a count (>= 1) or a fraction (< 1); default: the paper's share, "
+                                 "200 of 3,439 (5.8%).")
     judge: str | None = Field(None, description="LLM backend of the 0-100 quality score ('local', "
                                                 "'openai:<model>'); empty: the score is left out.")
     encoder: str | None = Field(None, description="Sentence encoder of the text embedding; the configured "

@@ -17,8 +17,8 @@ many different tasks. Algorithm:
 
      the fraction of anchors whose answer the demonstration makes more likely (comparing mean
      losses over the same tokens is comparing their summed log-likelihoods, as the authors do).
-  5. Keep ``GS >= threshold`` (the paper reports 0.5 to 0.9) or the top m (the paper's best: the top
-     1%, the default here).
+  5. Keep ``GS > threshold`` (strictly, as the authors' code; the paper reports 0.5 to 0.9) or the
+     top m (the paper's best: the top 1%, the default here).
 
 Cost: ``|anchors| x |pool|`` sequences. Each durable batch of ``batch_size`` candidates is scored
 against every anchor in one pass of the loss engine (all pairs length-sorted into padded batches
@@ -36,8 +36,9 @@ Deviations:
   (``field="full"``, instruction, input and response, as the authors' code embeds); their
   vectors are mean-pooled LLaMA hidden states (``pooling="mean"`` with a causal LM as ``encoder``
   gives that form). Two centroids may share their nearest example, leaving fewer anchors.
-- Lengths: an anchor's prompt and answer are cut to ``max_length`` tokens (the answer's end first),
-  and so is each demonstration; an anchor with no answer token left is not used.
+- Lengths: an anchor's prompt and answer are cut to ``anchor_max_length`` tokens (200, the authors'
+  cut; the answer's end goes first, the prompt is kept whole), each demonstration to ``max_length``
+  (512); an anchor with no answer token left is not used.
 - The authors' code runs each demonstration once and passes its attention keys/values to every
   anchor; here every (candidate, anchor) pair is one sequence of the batched loss engine.
 """
@@ -56,7 +57,7 @@ from sft_select.settings import settings
 from sft_select.tasks.cluster import cluster_kmeans
 from sft_select.tasks.core import DatasetRef, get_store, signal_task
 from sft_select.tasks.embed import embed, embed_signal
-from sft_select.tasks.golden_score import NuggetsTemplate, build_golden_score, golden_score_signal
+from sft_select.tasks.golden_score import ANCHOR_MAX_LENGTH, NuggetsTemplate, build_golden_score, golden_score_signal
 from sft_select.tasks.lm_loss import Precision, by_length
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget, select
@@ -65,8 +66,9 @@ from sft_select.tasks.select import resolve_budget, select
 class NuggetsParams(MethodParams):
     budget: float | None = Field(0.01, description="Keep at most this many of the best: a count (>= 1) or a "
                                                    "fraction (< 1; the paper's top 1%); empty: no cap.")
-    threshold: float | None = Field(None, ge=0, le=1, description="Keep golden scores >= this (the paper reports "
-                                                                  "0.5 to 0.9); empty: no threshold.")
+    threshold: float | None = Field(None, ge=0, le=1, description="Keep golden scores > this, strictly, as the "
+                                                                  "authors' code (the paper reports 0.5 to 0.9); "
+                                                                  "empty: no threshold.")
     anchors: int = Field(100, ge=1, description="k-means clusters; the example nearest each centroid is an anchor.")
     encoder: str | None = Field(None, description="Embedding model of the clustering; empty: the configured "
                                                   "sentence encoder.")
@@ -76,7 +78,9 @@ class NuggetsParams(MethodParams):
     field: Literal["prompt", "full"] = Field("full", description="Text embedded for the clustering.")
     model: str | None = Field(None, description="Causal LM that scores; empty: the configured local model.")
     template: NuggetsTemplate = Field("alpaca", description="Prompt format of demonstrations and anchors.")
-    max_length: int = Field(512, ge=16, description="Tokens of an anchor (prompt + answer) and of a demonstration.")
+    max_length: int = Field(512, ge=16, description="Tokens of a demonstration (prompt + answer).")
+    anchor_max_length: int = Field(ANCHOR_MAX_LENGTH, ge=16, description="Tokens of an anchor (prompt + answer; "
+                                                                         "the authors' 200).")
     precision: Precision = Field("float32", description="bfloat16 runs the losses under bf16 autocast.")
     batch_size: int = Field(16, ge=1, description="Candidates per durable batch (each scored against every anchor).")
 
@@ -93,14 +97,14 @@ def nuggets(params: NuggetsParams) -> SelectionRef:
     anchors = dataset.read().join(pl.DataFrame({"uid": anchor_uids}), on="uid", how="semi").sort("uid")
 
     signal = golden_score_signal(params.model, anchor_uids, template=params.template, max_length=params.max_length,
-                                 precision=params.precision)
+                                 anchor_max_length=params.anchor_max_length, precision=params.precision)
     golden_score = signal_task("golden_score", partial(build_golden_score, anchors=anchors),
                                batch_size=params.batch_size, order_by=by_length)
     scored = golden_score(signal, dataset)
     scores = get_store().signals.values(signal, dataset.read(["uid"])["uid"], alias="score")
 
     m = resolve_budget(params.budget, dataset.rows) if params.budget is not None else None
-    selection = select(scores, m=m, threshold=params.threshold, label="golden score")
+    selection = select(scores, m=m, threshold=params.threshold, strict=True, label="golden score")
     bins = (scores.drop_nulls("score").group_by(bin=(pl.col("score") * 10).floor().clip(0, 9) / 10)
             .len("examples").sort("bin"))
     publish_table("nuggets-golden-scores",

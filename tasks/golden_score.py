@@ -75,11 +75,17 @@ def one_shot_losses(model: Any, demos: Sequence[tuple[int, ...]], anchors: Ancho
     return answer_losses(model, items, token_budget=token_budget, bf16=bf16).reshape(len(demos), len(anchors.uids))
 
 
+ANCHOR_MAX_LENGTH = 200  # the authors' code cuts each anchor (prompt + answer) at 200 tokens
+
+
 def golden_score_signal(model: str, anchor_uids: Sequence[str], *, template: NuggetsTemplate = "alpaca",
-                        max_length: int = 512, precision: Precision = "float32") -> Signal:
-    """``golden_score`` of a candidate against one anchor set (its fingerprint is a parameter).
+                        max_length: int = 512, anchor_max_length: int = ANCHOR_MAX_LENGTH,
+                        precision: Precision = "float32") -> Signal:
+    """``golden_score`` of a candidate against one anchor set (its fingerprint is a parameter):
+    demonstrations cut at ``max_length`` tokens, anchors at ``anchor_max_length``.
     Reads ``messages``, ``instruction``, ``input``; writes one float in [0, 1]."""
     return Signal("golden_score", {"model": model_identity(model), "template": template, "max_length": max_length,
+                                   "anchor_max_length": anchor_max_length,
                                    "precision": precision, "anchors": fingerprint(list(anchor_uids)),
                                    "n_anchors": len(set(anchor_uids))}, version="1", kind="float")
 
@@ -93,9 +99,10 @@ def build_golden_score(signal: Signal, anchors: pl.DataFrame, token_budget: int 
     model, tokenizer = load_causal_lm(p["model"])
     fmt, speed = {"template": p["template"], "max_length": p["max_length"]}, {
         "token_budget": token_budget, "bf16": p["precision"] == "bfloat16"}
-    prepared = prepare_anchors(model, tokenizer, anchors.to_dicts(), **fmt, **speed)
+    prepared = prepare_anchors(model, tokenizer, anchors.to_dicts(), template=p["template"],
+                               max_length=p["anchor_max_length"], **speed)
     if not prepared.uids:
-        raise ValueError(f"no anchor has an answer token within max_length={p['max_length']}")
+        raise ValueError(f"no anchor has an answer token within anchor_max_length={p['anchor_max_length']}")
     anchor_tokens = sum(len(c) + len(z.answer) for c, z in zip(prepared.continuation, prepared.zero_shot))
 
     def compute(batch: pl.DataFrame) -> BatchResult:

@@ -13,8 +13,9 @@ tokens, each predicted from the ones before it: ``exp(prompt_loss)`` is the inst
 of Cherry's pre-experience sample (``flows/ifd.py``).
 
 Besides the value, each row's ``raw`` holds ``{"context_tokens", "answer_tokens",
-"answer_tokens_total"}`` as JSON, so a method can drop examples whose answer was truncated
-(IFD's "over-length" rule) without recomputing anything. An example with no answer token within
+"answer_tokens_total"}`` as JSON, so a method can tell examples whose answer was truncated
+(IFD counts its over-length items) without recomputing anything. The unconditioned loss with
+``template="none"`` (Superfiltering's ``s(A)``) leaves the answer's first token unscored (version 2). An example with no answer token within
 ``max_length`` is an error row.
 """
 
@@ -35,6 +36,9 @@ from sft_select.tasks.core import signal_task
 
 Precision = Literal["float32", "bfloat16"]
 VERSION = "1"
+# s(A) with template "none" no longer starts from the tokenizer's BOS (a chat role token for SmolLM2):
+# its first answer token is unscored, as Superfiltering's code does; values differ, hence version 2
+UNCONDITIONED_NONE_VERSION = "2"
 
 
 def lm_loss_signal(model: str | None = None, *, conditioned: bool = True, template: Template = "chat",
@@ -44,7 +48,7 @@ def lm_loss_signal(model: str | None = None, *, conditioned: bool = True, templa
     differ from float32 in the third digit, hence a different signal."""
     return Signal("lm_loss", {"model": model_identity(model or settings().local_llm), "conditioned": conditioned,
                               "template": template, "max_length": max_length, "precision": precision},
-                  version=VERSION, kind="float")
+                  version=VERSION if conditioned or template != "none" else UNCONDITIONED_NONE_VERSION, kind="float")
 
 
 def by_length(examples: pl.DataFrame) -> pl.DataFrame:

@@ -42,16 +42,19 @@ def select(
     threshold: float | None = None,
     descending: bool = True,
     label: str = "score",
+    strict: bool = False,
 ) -> pl.DataFrame:
     """Rank ``scores`` (``uid``, ``score``; null scores are never chosen) and keep those passing
-    ``threshold`` (>= when descending, <= otherwise), then the first ``m``. Ties break by uid, so the
+    ``threshold`` (>= when descending, <= otherwise; > and < when ``strict``), then the first ``m``. Ties break by uid, so the
     same scores always give the same selection. Returns ``uid, score, reason``."""
-    op = ">=" if descending else "<="
+    op = (">" if descending else "<") + ("" if strict else "=")
     ranked = scores.filter(pl.col("score").is_not_null() & pl.col("score").is_not_nan()).sort(
         ["score", "uid"], descending=[descending, False]
     )
     if threshold is not None:
-        ranked = ranked.filter(pl.col("score") >= threshold if descending else pl.col("score") <= threshold)
+        score = pl.col("score")
+        ranked = ranked.filter({">=": score >= threshold, "<=": score <= threshold, ">": score > threshold,
+                                "<": score < threshold}[op])
     if m is not None:
         ranked = ranked.head(m)
     rank = pl.int_range(1, pl.len() + 1).cast(pl.String)

@@ -1,7 +1,8 @@
 """Active Instruction Tuning on a tiny random Llama: prompt uncertainty is exactly 0 when the
 perturbation drops nothing, it is the mean |p(y|perturbed) - p(y|original)| of the stored
-probabilities otherwise, the selection takes whole tasks, most uncertain first, and a second run
-generates and scores nothing."""
+probabilities otherwise, each p is exp(-mean answer loss) of an independent plain forward pass with
+only the instruction perturbed (an Alpaca input stays whole), the selection takes whole tasks, most
+uncertain first, and a second run generates and scores nothing."""
 
 from __future__ import annotations
 
@@ -117,3 +118,41 @@ def test_clusters_as_tasks_with_the_reference_answers(pool, store, tiny_path):
     assert "prediction" not in json.loads(values["raw"][0])  # no generation: the dataset's own answers
     assert tasks == sorted(tasks, key=tasks.index)  # each cluster's examples together, in the order of its score
     assert chosen["score"].to_list() == sorted(chosen["score"].to_list(), reverse=True)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_p_is_exp_minus_mean_loss_of_an_independent_forward_pass_and_only_the_instruction_changes(store, tiny_path):
+    from test_lm import hand_loss
+
+    from sft_select.tasks.backends.models import load_causal_lm
+
+    instruction, input = "Please translate the following short French sentence into plain English", "Bonjour le monde"
+    row = make_example([{"role": "user", "content": f"{instruction}\n\n{input}"},
+                        {"role": "assistant", "content": "Hello world."}],
+                       instruction=instruction, input=input, meta={"category": "translate"})
+    store.datasets.register("one", frame([row]))
+    active_it(ActiveITParams(dataset="one", model=tiny_path, target="reference", instances=1, perturbations=6,
+                             drop_prob=0.5, budget=1))
+    signal = prompt_uncertainty_signal(tiny_path, target="reference", perturbations=6, drop_prob=0.5)
+    raw = json.loads(store.signals.read(signal)["raw"][0])
+
+    model, tok = load_causal_lm(tiny_path)
+
+    def p(user: str) -> float:  # one plain forward pass of the chat-rendered prompt and the answer
+        context = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                          add_generation_prompt=True)
+        ctx, full = tok(context)["input_ids"], tok(context + "Hello world.")["input_ids"]
+        assert full[: len(ctx)] == ctx
+        return float(np.exp(-hand_loss(model, full, len(ctx))))
+
+    assert raw["p_original"] == pytest.approx(p(f"{instruction}\n\n{input}"), rel=1e-5)
+    # the k-th perturbation, rebuilt: a word-drop of the instruction only; the input is left whole
+    rng = np.random.default_rng([0, int(row["uid"][:15], 16)])  # the example's own generator (seed 0)
+    perturbed = [drop_words(instruction, 0.5, rng) for _ in range(6)]
+    assert any(t != instruction for t in perturbed)
+    words = instruction.split()
+    for text, got in zip(perturbed, raw["p_perturbed"]):
+        kept = text.split()
+        assert all(w in words for w in kept) and kept == [w for w in words if w in kept]  # a subsequence
+        assert got == pytest.approx(p(f"{text}\n\n{input}"), rel=1e-5)  # scored with the input untouched
+        assert got != pytest.approx(p(text), rel=1e-6)  # the test can tell: without the input p differs

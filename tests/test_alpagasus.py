@@ -3,12 +3,14 @@ second budget, and a second dataset holding the same examples, ask the server no
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 import pytest
 from openai_server import OpenAIServer, last_user
 
-from sft_select.flows.alpagasus import AlpaGasusParams, alpagasus
+from sft_select.flows.alpagasus import PAPER_KEPT_SHARE, AlpaGasusParams, alpagasus
 from sft_select.settings import settings
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
@@ -92,3 +94,40 @@ def test_the_progress_artifact_shows_counts_and_rate(store, server):
 
     [bar] = [a for a in asyncio.run(progress_artifacts()) if "on progress@1" in (a.description or "")]
     assert bar.data == 100.0 and re.search(r": 5/5 examples, [\d.]+ examples/s$", bar.description)
+
+
+def expected_judge(request) -> dict:
+    """A judge whose digit distribution centres on 2 + (i % 40) / 20, i.e. expected scores 2.0 .. 3.95:
+    every one below the paper's 4.5 on the text scale, as a small judge's are."""
+    i = int(re.search(r"### Response:\nanswer (\d+)", last_user(request)).group(1))
+    centre = 2 + (i % 40) / 20
+    weights = {str(k): math.exp(-((k - centre) ** 2)) for k in range(6)}
+    total = sum(weights.values())
+    return {"text": "3", "top_logprobs": [{k: math.log(w / total) for k, w in weights.items()}]}
+
+
+def test_expected_scoring_calibrates_the_paper_threshold_to_the_share_it_kept(store, monkeypatch):
+    rows = [make_example([{"role": "user", "content": f"Task {i}"}, {"role": "assistant", "content": f"answer {i}"}])
+            for i in range(40)]
+    store.datasets.register("pool40", frame(rows))
+    with OpenAIServer(expected_judge) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-alpagasus")
+        settings.cache_clear()
+        params = AlpaGasusParams(dataset="pool40", judge="openai:judge-expected", scoring="expected")
+        kept = alpagasus(params)
+        strict = alpagasus(params.model_copy(update={"threshold": 4.5}))
+        text_scale = alpagasus(params.model_copy(update={"threshold": None, "budget": 3}))
+    settings.cache_clear()
+    assert server.requests == 40 and server.bodies[0]["logprobs"] is True  # one rating per example, then reused
+
+    chosen = store.selections.read(kept.selection_id)
+    assert chosen.height == math.ceil(PAPER_KEPT_SHARE * 40) == 8  # the paper's share, not 0 of 40
+    scores = store.signals.values(llm_signal(ALPAGASUS["accuracy", "expected"], "openai:judge-expected"),
+                                  [r["uid"] for r in rows], alias="score")["score"]
+    assert scores.max() < 4.5 and chosen["score"].min() == pytest.approx(sorted(scores, reverse=True)[7])
+    recorded = json.loads(store.catalog.query("SELECT params FROM selections WHERE selection_id = ?",
+                                              [kept.selection_id]).item())["threshold"]
+    assert recorded == pytest.approx(chosen["score"].min())  # the value applied, not "paper"
+    assert store.selections.read(strict.selection_id).height == 0  # 4.5 given as a number means 4.5
+    assert store.selections.read(text_scale.selection_id).height == 3  # a budget ranks

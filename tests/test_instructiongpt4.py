@@ -24,6 +24,14 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
 
 
+def test_default_budget_is_the_papers_share():
+    from sft_select.flows.instructiongpt4 import InstructionGPT4Params
+    from sft_select.tasks.select import resolve_budget
+
+    budget = InstructionGPT4Params(dataset="x").budget
+    assert resolve_budget(budget, 3439) == 200 and resolve_budget(budget, 1000) == 59  # ceil(58.2)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
 def test_selector_learns_a_rule_from_subset_labels(kind):
     rng = np.random.default_rng(0)

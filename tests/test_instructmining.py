@@ -11,10 +11,12 @@ import polars as pl
 import pytest
 from tiny_lm import WORDS, build_tiny_llama
 
-from sft_select.flows.instructmining import InstructMiningParams, fit_rule, instructmining, predict
+from sft_select.flows.instructmining import (PAPER_RULE, InsignificantFit, InstructMiningParams, check_fit, fit_rule,
+                                             instructmining, predict, spread_draws)
 from sft_select.settings import settings
-from sft_select.storage import make_example, read_examples
+from sft_select.storage import BatchResult, Outcome, Signal, make_example, read_examples
 from sft_select.storage.examples import frame
+from sft_select.tasks.embed import embed_signal, load_vectors
 from sft_select.tasks.finetune import Recipe
 from sft_select.tasks.indicators import knn_distance, mtld, text_indicators, words
 from sft_select.tasks.lm_loss import lm_loss_signal
@@ -73,6 +75,38 @@ def test_fit_recovers_known_coefficients_and_ranks_by_them():
         fit_rule(means[:4], log_loss[:4], names)
 
 
+def test_the_fit_reports_intervals_and_an_insignificant_fit_is_refused_or_warned():
+    rng = np.random.default_rng(1)
+    names = ["reward", "length", "knn"]
+    beta = np.array([-0.15, 8e-4, -0.9])
+    means = rng.normal(size=(25, 3)) * [1.0, 100.0, 0.2] + [0.0, 200.0, 1.0]
+    good = fit_rule(means, 1.07 + means @ beta + rng.normal(scale=0.01, size=25), names)
+    assert good.p_value < 1e-6 and check_fit(good, 0.05, "refuse") is None
+    for n, b in zip(names, beta):  # the 95% intervals hold the true coefficients and are not degenerate
+        low, high = good.intervals[n]
+        assert low < b < high and high - low > 0
+
+    # loss independent of the indicators: the F-test sees no better than chance
+    noise = fit_rule(means, rng.normal(scale=0.05, size=25), names)
+    assert noise.p_value > 0.05
+    with pytest.raises(InsignificantFit, match="not better than chance"):
+        check_fit(noise, 0.05, "refuse")
+    assert "p = " in check_fit(noise, 0.05, "warn")
+    low, high = noise.intervals["reward"]
+    assert low < 0 < high  # an interval that straddles zero says the same
+
+
+def test_subsets_are_drawn_with_spread_not_iid():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(400, 3))
+    draws = spread_draws(z, 40, 20, np.random.default_rng(0))
+    assert all(len(d) == 40 and len(set(d)) == 40 for d in draws)
+    iid = [rng.choice(400, 40, replace=False) for _ in range(20)]
+    spread = np.stack([z[d].mean(axis=0) for d in draws]).std(axis=0)
+    flat = np.stack([z[d].mean(axis=0) for d in iid]).std(axis=0)
+    assert (spread > 2 * flat).all()  # every indicator's subset means span far more than i.i.d. draws give
+
+
 def test_text_indicators_count_words():
     ex = frame([make_example([{"role": "user", "content": "Name two fruits."},
                               {"role": "assistant", "content": "Apple and pear, apple."}])])
@@ -108,7 +142,9 @@ def test_flow_fits_the_rule_on_random_subsets_and_ranks_by_it(store, tiny_base, 
     recipe = Recipe(max_steps=2, batch_size=4, lr=1e-3, warmup_ratio=0.0, save_steps=100)
     params = InstructMiningParams(dataset="toy", budget=5, indicators=["output_length", "mtld", "perplexity"],
                                   perplexity_model=tiny_base, subsets=5, subset_size=4, heldout=4, base=tiny_base,
-                                  recipe=recipe, seed=0)
+                                  recipe=recipe, seed=0, on_insignificant="warn")  # 5 tiny subsets: no real fit
+    with pytest.raises(InsignificantFit):  # refused by default: the ranking would be noise
+        instructmining(params.model_copy(update={"on_insignificant": "refuse"}))
     ref = instructmining(params)
 
     chosen = store.selections.read(ref.selection_id)
@@ -137,3 +173,31 @@ def test_flow_fits_the_rule_on_random_subsets_and_ranks_by_it(store, tiny_base, 
     swept = instructmining(params.model_copy(update={"sweep": [2, 3]}))
     assert len([p for p in finetuned.iterdir() if p.is_dir()]) == 7
     assert store.selections.read(swept.selection_id).height in (2, 3)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_paper_rule_needs_a_reward_signal_and_applies_the_published_coefficients(store):
+    pool = toy_pool()
+    store.datasets.register("toy", pool)
+    with pytest.raises(ValueError, match="reward term"):
+        instructmining(InstructMiningParams(dataset="toy", rule="paper", budget=5))
+
+    # a reward signal stored by some other step (the project computes none yet): any per-example float
+    reward = Signal("reward", {"model": "test-reward"}, kind="float")
+    values = {u: float(i % 5) - 2.0 for i, u in enumerate(pool["uid"])}
+    store.signals.fill(reward, pool, lambda b: BatchResult([Outcome(value=values[u]) for u in b["uid"]], {}))
+    with pytest.raises(ValueError, match="KNN-6"):
+        instructmining(InstructMiningParams(dataset="toy", rule="paper", reward_signal=reward.id, knn=5))
+    ref = instructmining(InstructMiningParams(dataset="toy", rule="paper", reward_signal=reward.id, budget=5))
+
+    chosen = store.selections.read(ref.selection_id)
+    have, vectors = load_vectors(embed_signal(None, field="full"), pool["uid"])
+    knn = dict(zip(have, knn_distance(vectors, 6)))
+    ind = text_indicators(pool).join(chosen.select("uid", "score"), on="uid")
+    expected = [1.0694 - 0.1498 * values[u] + 8.257e-5 * n - 0.9350 * knn[u]
+                for u, n in zip(ind["uid"], ind["output_length"])]
+    assert chosen.height == 5 and ind["score"].to_list() == pytest.approx(expected, abs=1e-6)
+    everyone = sorted(1.0694 - 0.1498 * values[u] + 8.257e-5 * n - 0.9350 * knn[u]
+                      for u, n in zip(*text_indicators(pool).select("uid", "output_length")))
+    assert chosen["score"].to_list() == pytest.approx(everyone[:5], abs=1e-6)  # the lowest predicted loss first
+    assert store.catalog.query("SELECT count(*) FROM evaluations").item() == 0  # nothing fine-tuned or evaluated

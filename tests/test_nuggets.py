@@ -63,9 +63,28 @@ def test_golden_score_is_the_fraction_of_anchors_a_demonstration_helps(store, ti
     chosen = store.selections.read(ref.selection_id)
     assert chosen["score"].to_list() == sorted(values["value"].to_list(), reverse=True)
     parts = sorted(store.signals.dir(signal).glob("part-*.parquet"))
-    top = nuggets(NuggetsParams(dataset="fruit", model=tiny_path, anchors=len(rows), budget=None, threshold=0.5))
+    t = sorted(values["value"].to_list())[len(rows) // 2]  # a threshold some example scores exactly
+    top = nuggets(NuggetsParams(dataset="fruit", model=tiny_path, anchors=len(rows), budget=None, threshold=t))
     assert sorted(store.signals.dir(signal).glob("part-*.parquet")) == parts  # nothing scored twice
-    assert store.selections.read(top.selection_id)["score"].to_list() == [v for v in chosen["score"] if v >= 0.5]
+    kept = store.selections.read(top.selection_id)
+    assert kept["score"].to_list() == [v for v in chosen["score"] if v > t]  # strictly greater, as the original
+    assert t in chosen["score"].to_list() and t not in kept["score"].to_list()
+    assert kept.is_empty() or f" > {t}, rank 1" in kept["reason"][0]
+
+
+def test_anchors_are_cut_at_200_tokens_and_demonstrations_at_max_length(tiny_path):
+    model, tok = load_causal_lm(tiny_path)
+    long = make_example([{"role": "user", "content": "Name fruits."},
+                         {"role": "assistant", "content": " ".join(WORDS * 120)}])
+    signal = golden_score_signal(tiny_path, [long["uid"]])
+    assert (signal.params["anchor_max_length"], signal.params["max_length"]) == (200, 512)  # the flow's defaults
+    assert NuggetsParams(dataset="x").anchor_max_length == 200
+    prepared = prepare_anchors(model, tok, [long], max_length=signal.params["anchor_max_length"])
+    context, answer = lm.render(long, tok, "alpaca")
+    ctx = tok(context)["input_ids"]
+    assert len(prepared.zero_shot[0]) == 200 and prepared.zero_shot[0].context == tuple(ctx)  # the answer's end cut
+    assert list(prepared.zero_shot[0].answer) == tok(context + answer)["input_ids"][len(ctx):200]
+    assert len(demonstrations(tok, [long], max_length=signal.params["max_length"])[0]) == 512
 
 
 DOORS = {"blue": "crimson-otter-42", "red": "velvet-lynx-17", "green": "amber-falcon-88"}

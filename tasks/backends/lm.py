@@ -15,7 +15,11 @@ When they are not (the tokenizer merges the context's last characters with the a
 e.g. a context ending in a space), the sequence is built as context ids + answer ids tokenised on
 their own, so that no token straddles the boundary; either way no context token is ever scored.
 An empty context gets the tokenizer's BOS (else EOS) token so that the first answer token is
-predicted from something (Superfiltering's public code instead leaves it unscored).
+predicted from something (the instruction perplexity of ``prompt_loss``). The unconditioned answer
+of ``template="none"`` is the exception (Superfiltering's ``s(A)``): it starts from what the
+tokenizer itself puts before any text (Llama's ``<s>``), and where that is nothing (GPT-2,
+SmolLM2, whose BOS ``<|im_start|>`` is a chat role token and not a neutral start), the answer's
+first token is context, unscored, as in Superfiltering's code.
 
 Same answer tokens in both conditions (the IFD Cherry variant): :func:`example_losses` takes the
 answer ids from the conditioned rendering, keeps the first ``max_length - len(context)`` of them
@@ -33,7 +37,7 @@ Templates (``template=``):
   turns of a multi-turn record are written as Instruction/Response pairs; a system turn replaces
   the preamble.
 - ``none``: plain text, ``instruction\\n[input\\n]`` (Superfiltering, for small base models such
-  as GPT-2); unconditioned context = nothing (so: BOS/EOS, see above).
+  as GPT-2); unconditioned context = nothing (the answer alone, its first token unscored; see above).
 
 Speed: sequences are sorted by length and packed into batches of at most ``token_budget`` padded
 tokens; padding is on the right, so with a causal mask no real token sees a pad and no attention
@@ -341,7 +345,9 @@ def example_losses(
     bf16: bool = False,
 ) -> list[AnswerLoss]:
     """``s(A|Q)`` (``conditioned``) or ``s(A)`` for canonical examples (dicts with ``messages``,
-    ``instruction``, ``input``), counting the same answer tokens in both conditions. An example
+    ``instruction``, ``input``), counting the same answer tokens in both conditions (but for
+    ``template="none"``'s ``s(A)``, which leaves the first of them unscored when the tokenizer
+    puts no start token before a text). An example
     that cannot be scored (no answer, no room for one, a template that rejects its turns) gets
     ``loss=None`` and its ``error``; the others are unaffected."""
     check_template(tokenizer, template)  # a wrong setting fails loudly, not as one error per example
@@ -360,6 +366,9 @@ def example_losses(
     kept = [e.truncate(max_length) for e in full]
     if conditioned:
         items = kept
+    elif template == "none":  # Superfiltering's s(A): the answer alone (see the module docstring)
+        start = tuple(tokenizer("", add_special_tokens=True)["input_ids"])
+        items = [Encoded(start, e.answer) if start else Encoded(e.answer[:1], e.answer[1:]) for e in kept]
     else:
         header = context_ids(tokenizer, render(rows[0], tokenizer, template, conditioned=False)[0],
                              add_special_tokens=special) if rows else ()
@@ -371,6 +380,8 @@ def example_losses(
             error = "no answer to score (the example has no final assistant turn, or it is empty)"
         elif error is None and not k.answer:
             error = f"the prompt alone has {len(e.context)} tokens, which leaves no answer token within max_length"
+        elif error is None and not item.answer:
+            error = "a one-token answer has no token to score after its unscored first one"
         results.append(AnswerLoss(None if error else float(loss), len(item.context), len(k.answer), len(e.answer),
                                   error))
     return results
