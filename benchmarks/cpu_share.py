@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from sft_select.storage import read_examples
-from sft_select.tasks.backends import lm
-from sft_select.tasks.backends.llm import LocalChat
+from sft_select.tasks.backends import loss_engine as lm
+from sft_select.tasks.backends.chat import LocalChat
 from sft_select.tasks.backends.models import load_causal_lm
 from sft_select.tasks.backends.precision import bf16_is_fast
 from sft_select.tasks.prompts import ALPAGASUS

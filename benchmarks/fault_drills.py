@@ -26,8 +26,8 @@ from openai_server import OpenAIServer, last_user  # noqa: E402
 from sft_select.settings import settings  # noqa: E402
 from sft_select.storage import FillAborted, make_example  # noqa: E402
 from sft_select.storage.examples import frame  # noqa: E402
-from sft_select.tasks.core import DatasetRef, fill_signal, get_store  # noqa: E402
-from sft_select.tasks.llm import Prompt, first_number, llm_batch_of, llm_signal  # noqa: E402
+from sft_select.tasks.signal_task import DatasetRef, fill_signal, get_store  # noqa: E402
+from sft_select.tasks.judge import Prompt, first_number, llm_batch_of, llm_signal  # noqa: E402
 
 PROMPT = Prompt(name="drill_rating", version="1", template="Rate: {instruction}", max_tokens=8,
                 parse=lambda raw: first_number(raw, low=0, high=5))

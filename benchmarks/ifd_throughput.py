@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> None:
 
     from sft_select.flows.ifd import MAX_LENGTH, TEMPLATE, ifd_table
     from sft_select.storage import read_examples
-    from sft_select.tasks.backends.lm import example_losses
+    from sft_select.tasks.backends.loss_engine import example_losses
     from sft_select.tasks.backends.models import load_causal_lm
-    from sft_select.tasks.core import DatasetRef, fill_signal, get_store
+    from sft_select.tasks.signal_task import DatasetRef, fill_signal, get_store
     from sft_select.tasks.lm_loss import build_lm_loss, by_length, lm_loss_signal
 
     if args.threads:

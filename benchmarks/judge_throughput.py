@@ -60,7 +60,7 @@ async def _raw_client(url: str, requests: int, concurrency: int) -> float:
 
 
 def main(requests: int = 1280, concurrency: int = 32, latency_s: float = 0.1) -> None:
-    from sft_select.tasks.backends.llm import OpenAIChat
+    from sft_select.tasks.backends.chat import OpenAIChat
 
     ctx = mp.get_context("spawn")
     urls, stop = ctx.Queue(), ctx.Event()

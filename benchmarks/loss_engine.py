@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sft_select.storage import read_examples
-from sft_select.tasks.backends import lm
+from sft_select.tasks.backends import loss_engine as lm
 from sft_select.tasks.backends.models import load_causal_lm
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "train" / "alpaca_9k.json"

@@ -45,9 +45,9 @@ from pydantic import Field, model_validator
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.settings import settings
-from sft_select.tasks.backends.lm import Template
+from sft_select.tasks.backends.loss_engine import Template
 from sft_select.tasks.cluster import cluster_kmeans
-from sft_select.tasks.core import DatasetRef, SignalRef, get_store
+from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store
 from sft_select.tasks.embed import embed, embed_signal
 from sft_select.tasks.lm_loss import Precision
 from sft_select.tasks.prompt_uncertainty import Target, probe_uncertainty, prompt_uncertainty_signal

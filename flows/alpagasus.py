@@ -41,9 +41,9 @@ from prefect import flow
 from pydantic import Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
-from sft_select.tasks.core import DatasetRef, get_store
-from sft_select.tasks.backends.llm import get_llm
-from sft_select.tasks.llm import llm_signal, score_with_llm
+from sft_select.tasks.signal_task import DatasetRef, get_store
+from sft_select.tasks.backends.chat import get_llm
+from sft_select.tasks.judge import llm_signal, score_with_llm
 from sft_select.tasks.prompts import ALPAGASUS
 from sft_select.tasks.report import histogram_rows, publish_table
 from sft_select.tasks.select import resolve_budget, select

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import sys
 import typing
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -96,7 +95,7 @@ def _run_failures() -> tuple[type[Exception], ...]:
     retries, or a selection fell short of its budget because examples failed."""
     from sft_select.flows.common import IncompleteSelection
     from sft_select.storage import FillAborted
-    from sft_select.tasks.core import SignalIncomplete
+    from sft_select.tasks.signal_task import SignalIncomplete
 
     return FillAborted, SignalIncomplete, IncompleteSelection
 
@@ -168,7 +167,7 @@ def _flow_session() -> Iterator[None]:
 
 
 def _store():
-    from sft_select.tasks.core import get_store
+    from sft_select.tasks.signal_task import get_store
 
     return get_store()
 
@@ -189,9 +188,13 @@ def ingest(
     try:
         params = IngestParams(path=str(path), name=name, format=format, on_error=on_error,
                               max_record_chars=max_record_chars)
+        _quiet_run_failures()
         with _flow_session():
             ref = ingest_flow(params)
-    except (InputError, ValueError, KeyError, ReadOnlyStore) as e:
+    except InputError as e:
+        bad_record = on_error == "stop" and getattr(e, "record", None) is not None
+        _fail(ValueError(f"{e} (--on-error skip sets such records aside and keeps the rest)") if bad_record else e)
+    except (ValueError, KeyError, ReadOnlyStore) as e:
         _fail(e)
     report = _store().datasets.list().filter((pl.col("name") == ref.name) & (pl.col("version") == ref.version))
     _print(report, "")
@@ -222,7 +225,7 @@ def signals(
             return
         if reparse is not None:
             from sft_select.flows.registry import METHODS, load_flow
-            from sft_select.tasks.llm import reparse_newest
+            from sft_select.tasks.judge import reparse_newest
 
             for method in METHODS:  # every prompt registers itself when its module is imported
                 load_flow(method)
@@ -280,7 +283,7 @@ def _plan(flow, params) -> tuple[list[dict], str | None]:
     """A method's dry run: what its signals would compute and pay, and where it stopped (a later
     stage that needs the planned values, or a fine-tune), if before its end."""
     from sft_select.storage import NotFilled
-    from sft_select.tasks.core import dry_run
+    from sft_select.tasks.signal_task import dry_run
 
     with dry_run() as plan:
         try:
@@ -456,7 +459,3 @@ def compare(
 def derived() -> None:
     """List derived results (clusters, bins, rounds, evaluations, held-out files) with their size."""
     _print(_store().derived.list().drop("params"), "No derived results yet.")
-
-
-def main() -> None:  # pragma: no cover
-    sys.exit(app())

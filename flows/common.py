@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sft_select.storage import NotFilled, write_examples
 from sft_select.storage.formats import SUFFIX
-from sft_select.tasks.core import DatasetRef, SignalRef, get_store, planning
+from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store, planning
 from sft_select.tasks.report import (cost_table, histogram_rows, publish_markdown, publish_table, shorten, stats,
                                      stats_rows)
 from sft_select.tasks.select import check_budget, resolve_budget

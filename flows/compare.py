@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sft_select.flows.common import _key
 from sft_select.flows.registry import load_flow, params_model
-from sft_select.tasks.core import DatasetRef, get_store
+from sft_select.tasks.signal_task import DatasetRef, get_store
 from sft_select.tasks.evaluate import (IFEval, MTBench, PairwiseJudge, ReferenceLoss, Suite, evaluate_all,
                                        tune_and_evaluate)
 from sft_select.tasks.finetune import Recipe

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.tasks.cluster import cluster_kmeans, select_kcenter
-from sft_select.tasks.core import DatasetRef
+from sft_select.tasks.signal_task import DatasetRef
 from sft_select.tasks.embed import embed, embed_signal
 from sft_select.tasks.select import resolve_budget
 

@@ -11,7 +11,7 @@ from prefect import flow
 from sft_select.flows.common import SelectionRef
 from sft_select.flows.ingest import IngestParams, ingest
 from sft_select.flows.registry import load_flow, params_model
-from sft_select.tasks.core import get_store
+from sft_select.tasks.signal_task import get_store
 from sft_select.tasks.report import publish_table
 
 DEMO_POOL = Path(__file__).parent / "data" / "demo_pool.jsonl"

@@ -44,7 +44,7 @@ from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.storage import Signal, fingerprint
 from sft_select.storage.signals import Compute
 from sft_select.tasks.cluster import select_kcenter
-from sft_select.tasks.core import DatasetRef, SignalRef, get_store, signal_task
+from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store, signal_task
 from sft_select.tasks.embed import build_embed, embed_signal
 from sft_select.tasks.backends.models import FINETUNED, model_identity
 from sft_select.tasks.finetune import FINISHED, FinetunedRef, Recipe, finetune_task, finetuned_dir

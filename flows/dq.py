@@ -45,7 +45,7 @@ from pydantic import BaseModel, Field
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.storage import Signal
 from sft_select.tasks.cluster import dataset_vectors, vector_inputs
-from sft_select.tasks.core import DatasetRef, get_store
+from sft_select.tasks.signal_task import DatasetRef, get_store
 from sft_select.tasks.derived import derived_cache_key
 from sft_select.tasks.embed import embed, embed_signal
 from sft_select.tasks.report import publish_table

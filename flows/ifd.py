@@ -76,10 +76,10 @@ from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.settings import settings
 from sft_select.storage import Signal, make_example
 from sft_select.storage.examples import frame
-from sft_select.tasks.backends.lm import ALPACA_PREAMBLE_INPUT, Template
+from sft_select.tasks.backends.loss_engine import ALPACA_PREAMBLE_INPUT, Template
 from sft_select.tasks.backends.models import FINETUNED
 from sft_select.tasks.cluster import cluster_kmeans
-from sft_select.tasks.core import DatasetRef, SignalRef, get_store
+from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store
 from sft_select.tasks.embed import embed, embed_signal
 from sft_select.tasks.finetune import FinetunedRef, Recipe, finetune_task
 from sft_select.tasks.lm_loss import Precision, lm_loss, lm_loss_signal, prompt_loss, prompt_loss_signal

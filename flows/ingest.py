@@ -9,7 +9,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from sft_select.storage.formats import MAX_RECORD_CHARS
-from sft_select.tasks.core import DatasetRef
+from sft_select.tasks.signal_task import DatasetRef
 from sft_select.tasks.ingest import ingest_file
 from sft_select.tasks.report import publish_markdown, publish_table, stats_rows
 

@@ -40,11 +40,11 @@ from pydantic import Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.tasks.cluster import cluster_kmeans
-from sft_select.tasks.core import DatasetRef, SignalRef, get_store
+from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store
 from sft_select.tasks.embed import embed, embed_signal, load_vectors
 from sft_select.tasks.indicators import (LabelSettings, reference_suite, subset_quality,
                                          text_indicators)
-from sft_select.tasks.llm import llm_signal, score_with_llm
+from sft_select.tasks.judge import llm_signal, score_with_llm
 from sft_select.tasks.prompts import INDICATORS
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget

@@ -67,12 +67,12 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
-from sft_select.tasks.core import DatasetRef, SignalRef, get_store
+from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store
 from sft_select.tasks.embed import embed, embed_signal, load_vectors
 from sft_select.tasks.evaluate import ReferenceLoss
 from sft_select.tasks.indicators import (LabelSettings, knn_distance, reference_suite, subset_quality,
                                          text_indicators)
-from sft_select.tasks.llm import llm_signal, score_with_llm
+from sft_select.tasks.judge import llm_signal, score_with_llm
 from sft_select.tasks.lm_loss import lm_loss, lm_loss_signal
 from sft_select.tasks.prompts import INDICATORS
 from sft_select.tasks.report import publish_markdown, publish_table

@@ -55,7 +55,7 @@ from pydantic import Field
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.settings import settings
 from sft_select.tasks.cluster import cluster_kmeans
-from sft_select.tasks.core import DatasetRef, get_store, signal_task
+from sft_select.tasks.signal_task import DatasetRef, get_store, signal_task
 from sft_select.tasks.embed import embed, embed_signal
 from sft_select.tasks.golden_score import ANCHOR_MAX_LENGTH, NuggetsTemplate, build_golden_score, golden_score_signal
 from sft_select.tasks.lm_loss import Precision, by_length

@@ -11,7 +11,7 @@ import polars as pl
 from prefect import flow
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
-from sft_select.tasks.core import DatasetRef
+from sft_select.tasks.signal_task import DatasetRef
 from sft_select.tasks.select import resolve_budget
 
 

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from sft_select.storage import Signal
 from sft_select.storage.signals import canonical_json
-from sft_select.tasks.core import DatasetRef, get_store
+from sft_select.tasks.signal_task import DatasetRef, get_store
 from sft_select.tasks.derived import derived_cache_key
 from sft_select.tasks.embed import load_vectors
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from sft_select.storage import derived_key
 from sft_select.storage.derived import Format
-from sft_select.tasks.core import get_store
+from sft_select.tasks.signal_task import get_store
 
 
 def derived_cache_key(kind: str, inputs: Mapping[str, Any], *, version: str = "1",

@@ -8,7 +8,7 @@ the model kind:
 - ``sentence``: a sentence encoder (:mod:`~sft_select.tasks.backends.encoders`, all-MiniLM-L6-v2 by
   default); rows are L2-normalised.
 - ``mean`` / ``last``: last-layer hidden states of a causal LM
-  (:func:`~sft_select.tasks.backends.lm.hidden_states`), mean-pooled over the tokens (Coreset,
+  (:func:`~sft_select.tasks.backends.loss_engine.hidden_states`), mean-pooled over the tokens (Coreset,
   DiverseEvol, Cherry's pre-experience) or the last token's (DEITA); L2-normalised when
   ``normalize``.
 
@@ -28,7 +28,7 @@ from sft_select.storage import BatchResult, Signal
 from sft_select.storage.examples import prompt_text
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.models import model_identity
-from sft_select.tasks.core import get_store, signal_task
+from sft_select.tasks.signal_task import get_store, signal_task
 from sft_select.tasks.lm_loss import by_length
 
 Field = Literal["prompt", "output", "full"]
@@ -70,7 +70,7 @@ def build_embed(signal: Signal) -> Compute:
         def vectors(texts: list[str]) -> np.ndarray:
             return encode(texts, p["model"], max_tokens=p["max_tokens"])
     else:
-        from sft_select.tasks.backends.lm import hidden_states
+        from sft_select.tasks.backends.loss_engine import hidden_states
         from sft_select.tasks.backends.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(p["model"])

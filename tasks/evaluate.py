@@ -7,7 +7,7 @@ result (``<SFT_SELECT_HOME>/derived/evaluation/``). Every suite has
 ``limit`` (the first N items, for quick runs).
 
 - :class:`ReferenceLoss`: mean answer-token cross-entropy of the model on held-out reference
-  answers, ``mean_i s(A_i | Q_i)`` (the loss engine of ``tasks/backends/lm.py``, the model's chat
+  answers, ``mean_i s(A_i | Q_i)`` (the loss engine of ``tasks/backends/loss_engine.py``, the model's chat
   template). Any file ``read_examples`` reads that has answers (AlpacaEval 805 with GPT-4-turbo
   answers, a user file). Lower is better.
 - :class:`IFEval`: greedy answers to the verifiable-instruction prompts, scored by the rules of
@@ -30,7 +30,7 @@ answer that does not parse is a recorded error (counted in ``judge_errors``), ne
 verdict; metrics average over the parsed ones.
 
 Nothing is paid for twice: every generated answer and every judge verdict is stored as its batch
-completes (the ``chat`` signal of :func:`~sft_select.tasks.llm.stored_chat`), so an evaluation
+completes (the ``chat`` signal of :func:`~sft_select.tasks.judge.stored_chat`), so an evaluation
 killed midway resumes with the answers and verdicts it already has, and a second suite that needs
 the same judgement (the same prompt, model and settings) finds it.
 
@@ -57,13 +57,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sft_select.storage import derived_key, read_examples
 from sft_select.tasks import ifeval
-from sft_select.tasks.backends.lm import example_losses
-from sft_select.tasks.backends.llm import LLM, ChatResult, LocalChat, get_llm
+from sft_select.tasks.backends.loss_engine import example_losses
+from sft_select.tasks.backends.chat import LLM, ChatResult, LocalChat, get_llm
 from sft_select.tasks.backends.models import FINETUNED, load_causal_lm, model_identity
-from sft_select.tasks.core import get_store
+from sft_select.tasks.signal_task import get_store
 from sft_select.tasks.derived import derived_cache_key
 from sft_select.tasks.finetune import FINISHED, FinetunedRef, Recipe, finetune_key, finetune_task, finetuned_dir
-from sft_select.tasks.llm import Prompt, stored_chat
+from sft_select.tasks.judge import Prompt, stored_chat
 from sft_select.tasks.prompts import MT_BENCH, MT_REFERENCE, MT_REFERENCE_CATEGORIES, PAIRWISE
 
 log = logging.getLogger("sft_select")

@@ -45,9 +45,9 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from sft_select.settings import settings
 from sft_select.storage import NotFilled, fingerprint
-from sft_select.tasks.backends.lm import ALPACA_PREAMBLE, ALPACA_RESPONSE
+from sft_select.tasks.backends.loss_engine import ALPACA_PREAMBLE, ALPACA_RESPONSE
 from sft_select.tasks.backends.models import causal_lm_path, finetuned_dir, load_causal_lm, model_identity
-from sft_select.tasks.core import planning, progress_artifact
+from sft_select.tasks.signal_task import planning, progress_artifact
 
 log = logging.getLogger("sft_select")
 

@@ -25,7 +25,7 @@ import polars as pl
 
 from sft_select.storage import BatchResult, Outcome, Signal, fingerprint
 from sft_select.storage.signals import Compute
-from sft_select.tasks.backends.lm import Encoded, answer_losses, encode_many, render
+from sft_select.tasks.backends.loss_engine import Encoded, answer_losses, encode_many, render
 from sft_select.tasks.backends.models import load_causal_lm, model_identity
 from sft_select.tasks.lm_loss import Precision
 

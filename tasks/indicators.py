@@ -20,7 +20,7 @@ Cheap indicators are computed on the fly from the examples (they cost less than 
   depends on the pool, so it is computed from the stored ``embed`` signal, never stored itself.
 
 Judge-scored indicators are LLM signals (:data:`~sft_select.tasks.prompts.INDICATORS`, filled with
-:data:`~sft_select.tasks.llm.score_with_llm`): ``quality`` (0-100, InstructionGPT-4's GPT-4 score;
+:data:`~sft_select.tasks.judge.score_with_llm`): ``quality`` (0-100, InstructionGPT-4's GPT-4 score;
 InstructMining's reward-model slot where no reward model is configured) and UniEval's dialogue
 dimensions ``naturalness``, ``coherence``, ``understandability`` (Zhong et al. 2022), asked of a
 judge on a 1-5 scale instead of UniEval's yes-probability. The wording is ours.
@@ -48,7 +48,7 @@ from pydantic import BaseModel, Field
 
 from sft_select.storage import SCHEMA, fingerprint
 from sft_select.storage.examples import prompt_text
-from sft_select.tasks.core import get_store
+from sft_select.tasks.signal_task import get_store
 from sft_select.tasks.evaluate import ReferenceLoss, tune_and_evaluate
 from sft_select.tasks.finetune import Recipe
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from sft_select.storage import DatasetInfo, InputError, read_examples
 from sft_select.storage.formats import MAX_RECORD_CHARS
 
-from .core import get_store
+from .signal_task import get_store
 from .report import stats
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, Field
 
-from sft_select.tasks.core import get_store
+from sft_select.tasks.signal_task import get_store
 from sft_select.tasks.evaluate import EvaluationRef, Suite, model_id
 from sft_select.tasks.finetune import FinetunedRef
 from sft_select.tasks.report import publish_markdown, publish_table

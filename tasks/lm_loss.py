@@ -4,7 +4,7 @@
     lm_loss = s(A | Q) = mean over answer tokens of -log p(a_t | Q, a_<t)     (conditioned)
     lm_loss = s(A)     = mean over answer tokens of -log p(a_t | a_<t)        (unconditioned)
 
-computed by :func:`sft_select.tasks.backends.lm.example_losses` (exact answer masks, the same answer
+computed by :func:`sft_select.tasks.backends.loss_engine.example_losses` (exact answer masks, the same answer
 tokens in both conditions under ``max_length``). IFD is the ratio of the two signals (Li et al.
 2023a); perplexity is ``exp(lm_loss)``.
 
@@ -30,9 +30,9 @@ import polars as pl
 from sft_select.settings import settings
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
-from sft_select.tasks.backends.lm import Template, answer_losses, encode_many, example_losses, render
+from sft_select.tasks.backends.loss_engine import Template, answer_losses, encode_many, example_losses, render
 from sft_select.tasks.backends.models import load_causal_lm, model_identity
-from sft_select.tasks.core import signal_task
+from sft_select.tasks.signal_task import signal_task
 
 Precision = Literal["float32", "bfloat16"]
 VERSION = "1"

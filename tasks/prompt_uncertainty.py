@@ -28,10 +28,10 @@ from prefect.cache_policies import NO_CACHE
 
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
-from sft_select.tasks.backends.lm import Template, example_losses
-from sft_select.tasks.backends.llm import get_llm
+from sft_select.tasks.backends.loss_engine import Template, example_losses
+from sft_select.tasks.backends.chat import get_llm
 from sft_select.tasks.backends.models import load_causal_lm, model_identity
-from sft_select.tasks.core import DatasetRef, SignalRef, fill_signal
+from sft_select.tasks.signal_task import DatasetRef, SignalRef, fill_signal
 from sft_select.tasks.lm_loss import Precision, by_length
 
 Target = Literal["prediction", "reference"]

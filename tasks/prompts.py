@@ -1,6 +1,6 @@
 """Every judge prompt of the project and its parser, in one home.
 
-Each :class:`~sft_select.tasks.llm.Prompt` has a name, a version and the rubric it follows
+Each :class:`~sft_select.tasks.judge.Prompt` has a name, a version and the rubric it follows
 (``rubric``: the paper or benchmark whose published criteria it asks for). The wording is ours,
 written to those rubrics; it is part of the signal identity of what the prompt judges (its hash),
 so a change of wording never reuses ratings made with the old one.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from sft_select.tasks.llm import Prompt, expected_score_parser, first_number
+from sft_select.tasks.judge import Prompt, expected_score_parser, first_number
 
 # -- AlpaGasus -------------------------------------------------------------------------------------------
 

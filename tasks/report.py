@@ -10,7 +10,7 @@ import polars as pl
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 
-from .core import SignalRef
+from .signal_task import SignalRef
 
 log = logging.getLogger("sft_select")
 

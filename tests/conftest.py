@@ -44,7 +44,7 @@ def home() -> Path:
 def store(tmp_path, monkeypatch):
     """A fresh, empty store in its own folder (SFT_SELECT_HOME points at it for this test)."""
     from sft_select.settings import settings
-    from sft_select.tasks.core import get_store
+    from sft_select.tasks.signal_task import get_store
 
     monkeypatch.setenv("SFT_SELECT_HOME", str(tmp_path / "home"))
     settings.cache_clear()

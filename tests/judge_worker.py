@@ -13,8 +13,8 @@ def main() -> None:
     home, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     os.environ.update(SFT_SELECT_HOME=home, OPENAI_BASE_URL=url, OPENAI_API_KEY="sk-test-worker")
 
-    from sft_select.tasks.core import DatasetRef, fill_signal
-    from sft_select.tasks.llm import Prompt, first_number, llm_batch_of, llm_signal
+    from sft_select.tasks.signal_task import DatasetRef, fill_signal
+    from sft_select.tasks.judge import Prompt, first_number, llm_batch_of, llm_signal
 
     prompt = Prompt(name="worker_rating", version="1", template="Rate: {instruction}",
                     parse=lambda raw: first_number(raw, low=0, high=5), max_tokens=8)

@@ -14,7 +14,7 @@ from sft_select.flows.alpagasus import PAPER_KEPT_SHARE, AlpaGasusParams, alpaga
 from sft_select.settings import settings
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
-from sft_select.tasks.llm import llm_signal
+from sft_select.tasks.judge import llm_signal
 from sft_select.tasks.prompts import ALPAGASUS
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

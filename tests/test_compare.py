@@ -46,7 +46,7 @@ def env(tmp_path_factory):
             OpenAIServer(judge) as server:
         mp.setenv("OPENAI_BASE_URL", server.url)
         settings.cache_clear()
-        from sft_select.tasks.core import get_store
+        from sft_select.tasks.signal_task import get_store
 
         pool = [record(w, k) for w in WORDS for k in (1, 2, 3)]
         get_store().datasets.register("pool", frame([

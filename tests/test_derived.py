@@ -94,7 +94,7 @@ def test_a_result_written_by_a_process_killed_before_its_catalog_insert_is_found
 def test_list_reconciles_unindexed_files_and_the_cli_prints_them(tmp_path, monkeypatch):
     from sft_select.flows.cli import app
     from sft_select.settings import settings
-    from sft_select.tasks.core import get_store
+    from sft_select.tasks.signal_task import get_store
 
     monkeypatch.setenv("SFT_SELECT_HOME", str(tmp_path / "home"))
     settings.cache_clear()

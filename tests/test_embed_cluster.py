@@ -9,7 +9,7 @@ from sft_select.storage import make_example
 from sft_select.storage.examples import frame
 from sft_select.tasks.backends.encoders import encode
 from sft_select.tasks.cluster import kcenter_greedy, kmeans, nearest
-from sft_select.tasks.core import DatasetRef, fill_signal
+from sft_select.tasks.signal_task import DatasetRef, fill_signal
 from sft_select.tasks.embed import build_embed, embed_signal, load_vectors, texts_of
 
 

@@ -139,8 +139,8 @@ def test_pairwise_unparseable_verdicts_are_errors_not_defaults(env, judge_server
 
 def test_an_evaluation_that_died_after_its_judge_calls_pays_for_none_again(env, judge_server):
     from sft_select.tasks.evaluate import PairwiseJudge, details_path, evaluate
-    from sft_select.tasks.core import get_store
-    from sft_select.tasks.llm import chat_signal
+    from sft_select.tasks.signal_task import get_store
+    from sft_select.tasks.judge import chat_signal
 
     suite = PairwiseJudge(path=env["reference"], max_new_tokens=4, judge="openai:judge")
     first = judge_server(lambda request: "Winner: B")

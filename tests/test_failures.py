@@ -22,8 +22,8 @@ from sft_select.flows.common import IncompleteSelection
 from sft_select.settings import settings
 from sft_select.storage import BatchResult, FillAborted, Outcome, Signal, make_example
 from sft_select.storage.examples import frame
-from sft_select.tasks.backends.llm import OpenAIChat
-from sft_select.tasks.llm import llm_signal
+from sft_select.tasks.backends.chat import OpenAIChat
+from sft_select.tasks.judge import llm_signal
 from sft_select.tasks.prompts import ALPAGASUS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_a_selection_short_of_its_budget_because_examples_failed_fails(store, mo
 
 
 def test_the_judge_is_its_model_and_its_server(monkeypatch):
-    from sft_select.tasks.backends.llm import get_llm
+    from sft_select.tasks.backends.chat import get_llm
 
     point(monkeypatch, "http://127.0.0.1:8001/v1")
     a = llm_signal(ALPAGASUS["accuracy", "text"], "openai:same-model")

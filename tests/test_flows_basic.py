@@ -13,7 +13,7 @@ from sft_select.flows.ingest import IngestParams, ingest
 from sft_select.flows.longest import LongestParams, longest
 from sft_select.flows.random_subset import RandomParams, random_subset
 from sft_select.storage import BatchResult, Outcome, Signal, read_examples
-from sft_select.tasks.core import DatasetRef, signal_task
+from sft_select.tasks.signal_task import DatasetRef, signal_task
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -99,6 +99,7 @@ def test_cli_ingest_run_export_and_clear_errors(pool, store, tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["ingest", str(pool), "--name", "pool"])
     assert bad.exit_code == 2 and "record 40, field 'output': empty" in bad.output
+    assert bad.output.strip().splitlines()[-1].endswith("(--on-error skip sets such records aside and keeps the rest)")
     ok = runner.invoke(app, ["ingest", str(pool), "--name", "pool", "--on-error", "skip"])
     assert ok.exit_code == 0, ok.output
     assert "pool" in runner.invoke(app, ["datasets"]).output

@@ -21,7 +21,7 @@ from sft_select.flows.ifd import IFDParams, as_scored, ifd, ifd_table, pre_exper
 from sft_select.settings import settings
 from sft_select.storage import fingerprint, make_example
 from sft_select.storage.examples import frame
-from sft_select.tasks.backends import lm
+from sft_select.tasks.backends import loss_engine as lm
 from sft_select.tasks.backends.models import load_causal_lm, model_identity
 from sft_select.tasks.finetune import Recipe
 from sft_select.tasks.lm_loss import lm_loss_signal

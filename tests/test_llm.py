@@ -19,9 +19,9 @@ from openai_server import BadRequest, OpenAIServer, last_user
 from sft_select.settings import settings
 from sft_select.storage import FillAborted, Signal, make_example
 from sft_select.storage.examples import frame
-from sft_select.tasks.backends.llm import LocalChat, OpenAIChat, RateLimiter, get_llm, retry_after_s
-from sft_select.tasks.core import DatasetRef, fill_signal
-from sft_select.tasks.llm import (Prompt, expected_score, first_number, llm_batch_of, llm_signal, parse_expected_score,
+from sft_select.tasks.backends.chat import LocalChat, OpenAIChat, RateLimiter, get_llm, retry_after_s
+from sft_select.tasks.signal_task import DatasetRef, fill_signal
+from sft_select.tasks.judge import (Prompt, expected_score, first_number, llm_batch_of, llm_signal, parse_expected_score,
                                   prompt_of, reparse)
 
 
@@ -282,7 +282,7 @@ def test_api_key_never_leaks(store, openai_env, prefect_api, caplog, home):
     from prefect import flow
     from prefect.client.orchestration import get_client
 
-    from sft_select.tasks.llm import score_with_llm
+    from sft_select.tasks.judge import score_with_llm
 
     secret = f"sk-test-{uuid.uuid4().hex}"
     prompt = rating_prompt("test_rating_secret")

@@ -13,9 +13,9 @@ from tiny_lm import build_tiny_llama
 
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
-from sft_select.tasks.backends import lm
+from sft_select.tasks.backends import loss_engine as lm
 from sft_select.tasks.backends.models import load_causal_lm
-from sft_select.tasks.core import DatasetRef, fill_signal
+from sft_select.tasks.signal_task import DatasetRef, fill_signal
 from sft_select.tasks.lm_loss import build_lm_loss, lm_loss_signal
 
 torch.set_num_threads(1)

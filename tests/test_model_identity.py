@@ -9,7 +9,7 @@ import pytest
 from tiny_lm import WORDS, build_tiny_llama, repeat_examples
 
 from sft_select.tasks.backends.models import FINETUNED, causal_lm_path, model_identity
-from sft_select.tasks.core import DatasetRef, fill_signal
+from sft_select.tasks.signal_task import DatasetRef, fill_signal
 from sft_select.tasks.embed import embed_signal
 from sft_select.tasks.lm_loss import build_lm_loss, lm_loss_signal
 

@@ -16,7 +16,7 @@ from tiny_lm import build_tiny_llama, repeat_word
 from sft_select.flows.nuggets import NuggetsParams, nuggets
 from sft_select.storage import fingerprint, make_example
 from sft_select.storage.examples import frame
-from sft_select.tasks.backends import lm
+from sft_select.tasks.backends import loss_engine as lm
 from sft_select.tasks.backends.models import load_causal_lm
 from sft_select.tasks.golden_score import demonstrations, golden_score_signal, one_shot_losses, prepare_anchors
 

