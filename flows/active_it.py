@@ -134,7 +134,7 @@ def active_it(params: ActiveITParams) -> SelectionRef:
                                        perturbations=params.perturbations, drop_prob=params.drop_prob,
                                        seed=params.seed, max_new_tokens=params.max_new_tokens,
                                        max_length=params.max_length, precision=params.precision)
-    signals.append(probe_uncertainty(signal, dataset, probes["uid"].to_list(), batch_size=params.batch_size))
+    signals.append(probe_uncertainty(signal, dataset, batch_size=params.batch_size, uids=probes["uid"].to_list()))
 
     values = get_store().signals.values(signal, probes["uid"], alias="u")
     scores = (probes.join(values, on="uid").group_by("task")

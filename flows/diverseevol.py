@@ -32,7 +32,6 @@ are never picked.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -41,36 +40,16 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
-from sft_select.storage import Signal, fingerprint
-from sft_select.storage.signals import Compute
+from sft_select.storage import fingerprint
+from sft_select.tasks.backends.models import model_identity
 from sft_select.tasks.cluster import select_kcenter
-from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store, signal_task
-from sft_select.tasks.embed import build_embed, embed_signal
-from sft_select.tasks.backends.models import FINETUNED, model_identity
-from sft_select.tasks.finetune import FINISHED, FinetunedRef, Recipe, finetune_task, finetuned_dir
-from sft_select.tasks.lm_loss import by_length
+from sft_select.tasks.embed import embed_finetuned, finetuned_embed_signal
+from sft_select.tasks.finetune import Recipe, finetune_task
 from sft_select.tasks.report import publish_table
 from sft_select.tasks.select import resolve_budget
+from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store
 
 VERSION = "1"
-
-
-def finetuned_embed_signal(model: FinetunedRef, max_tokens: int = 512) -> Signal:
-    """The pool embedding of round t: mean-pooled last hidden states of the fine-tuned model, not
-    normalised (the paper's k-center runs on the raw averages). The model is named by its content
-    key, never by where its folder is."""
-    return embed_signal(FINETUNED + model.key, field="full", max_tokens=max_tokens, pooling="mean", normalize=False)
-
-
-def _build_finetuned_embed(signal: Signal) -> Compute:
-    """The ``embed`` batch function, loading the fine-tuned folder that the signal's model key names."""
-    folder = finetuned_dir(str(signal.params["model"]).removeprefix(FINETUNED))
-    if not (folder / FINISHED).exists():
-        raise FileNotFoundError(f"{signal.id}: fine-tuned model {folder.name} is not in the model cache")
-    return build_embed(replace(signal, params={**signal.params, "model": str(folder)}))
-
-
-embed_finetuned = signal_task("embed-finetuned", _build_finetuned_embed, batch_size=256, order_by=by_length)
 
 
 class Round(BaseModel):

@@ -18,6 +18,7 @@ the model kind:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -27,7 +28,8 @@ from sft_select.settings import settings
 from sft_select.storage import BatchResult, Signal
 from sft_select.storage.examples import prompt_text
 from sft_select.storage.signals import Compute
-from sft_select.tasks.backends.models import model_identity
+from sft_select.tasks.backends.models import FINETUNED, model_identity
+from sft_select.tasks.finetune import FINISHED, FinetunedRef, finetuned_dir
 from sft_select.tasks.signal_task import get_store, signal_task
 from sft_select.tasks.lm_loss import by_length
 
@@ -102,3 +104,24 @@ def load_vectors(signal: Signal, uids: Sequence[str] | pl.Series) -> tuple[list[
     except KeyError:
         return [], np.zeros((0, 0), dtype=np.float32)
     return [u for u, ok in zip(uids, present) if ok], (matrix if present.all() else matrix[present])
+
+
+# -- the pool embedded by a fine-tuned model (DiverseEvol) --------------------------------------------
+
+
+def finetuned_embed_signal(model: FinetunedRef, max_tokens: int = 512) -> Signal:
+    """The pool embedding of round t: mean-pooled last hidden states of the fine-tuned model, not
+    normalised (the paper's k-center runs on the raw averages). The model is named by its content
+    key, never by where its folder is."""
+    return embed_signal(FINETUNED + model.key, field="full", max_tokens=max_tokens, pooling="mean", normalize=False)
+
+
+def _build_finetuned_embed(signal: Signal) -> Compute:
+    """The ``embed`` batch function, loading the fine-tuned folder that the signal's model key names."""
+    folder = finetuned_dir(str(signal.params["model"]).removeprefix(FINETUNED))
+    if not (folder / FINISHED).exists():
+        raise FileNotFoundError(f"{signal.id}: fine-tuned model {folder.name} is not in the model cache")
+    return build_embed(replace(signal, params={**signal.params, "model": str(folder)}))
+
+
+embed_finetuned = signal_task("embed-finetuned", _build_finetuned_embed, batch_size=256, order_by=by_length)

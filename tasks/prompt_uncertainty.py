@@ -23,15 +23,13 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.loss_engine import Template, example_losses
 from sft_select.tasks.backends.chat import get_llm
 from sft_select.tasks.backends.models import load_causal_lm, model_identity
-from sft_select.tasks.signal_task import DatasetRef, SignalRef, fill_signal
+from sft_select.tasks.signal_task import signal_task
 from sft_select.tasks.lm_loss import Precision, by_length
 
 Target = Literal["prediction", "reference"]
@@ -159,9 +157,6 @@ def build_prompt_uncertainty(signal: Signal, token_budget: int = 8192) -> Comput
     return compute
 
 
-@task(name="prompt-uncertainty", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 8])
-def probe_uncertainty(signal: Signal, dataset: DatasetRef, uids: list[str], batch_size: int = 16) -> SignalRef:
-    """Fill the signal for the probed examples only (what is stored already is not computed again)."""
-    examples = dataset.read().join(pl.DataFrame({"uid": uids}, schema={"uid": pl.String}), on="uid", how="semi")
-    return fill_signal(signal, dataset, build_prompt_uncertainty, batch_size=batch_size, examples=examples,
-                       order_by=by_length)
+probe_uncertainty = signal_task("prompt-uncertainty", build_prompt_uncertainty, batch_size=16, order_by=by_length,
+                                retry_delay_seconds=[2, 8])
+"""Prefect task ``(signal, dataset, batch_size=, uids=)``: the signal for the probed examples only."""

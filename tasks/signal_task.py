@@ -204,7 +204,8 @@ def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: in
                 order_by: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
                 retry_delay_seconds: list[float] | None = None,
                 estimate: Callable[[Signal, pl.DataFrame], dict[str, float]] | None = None):
-    """Make a Prefect task ``(signal, dataset) -> SignalRef`` from a batch-function builder.
+    """Make a Prefect task ``(signal, dataset[, batch_size][, uids]) -> SignalRef`` from a batch-function
+    builder; ``uids`` fills the signal for that subset of the dataset only.
 
     The task is idempotent by construction (it fills what is missing, so a second run pays for
     nothing), and not cached by Prefect: a cached result would repeat the counts of the run that
@@ -215,13 +216,18 @@ def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: in
     @task(name=name, task_run_name=f"{name}[{{signal.name}}]", cache_policy=NO_CACHE, retries=max_attempts - 1,
           retry_delay_seconds=retry_delay_seconds or [2, 8, 30][: max_attempts - 1],
           retry_condition_fn=_retry_incomplete)
-    def run(signal: Signal, dataset: DatasetRef, batch_size: int = batch_size) -> SignalRef:
+    def run(signal: Signal, dataset: DatasetRef, batch_size: int = batch_size,
+            uids: list[str] | None = None) -> SignalRef:
+        examples = None
+        if uids is not None:  # a subset of the dataset (e.g. the examples a method probes)
+            examples = dataset.read().join(pl.DataFrame({"uid": uids}, schema={"uid": pl.String}), on="uid",
+                                           how="semi")
         bar = progress_artifact(f"{signal.id} on {dataset.name}@{dataset.version}")
 
         def progress(done: int, total: int) -> None:
             log.info(bar(done, total))
 
         return fill_signal(signal, dataset, build, batch_size=batch_size, max_attempts=max_attempts,
-                           order_by=order_by, progress=progress, estimate=estimate)
+                           order_by=order_by, examples=examples, progress=progress, estimate=estimate)
 
     return run
