@@ -302,7 +302,7 @@ def instructmining(params: InstructMiningParams) -> SelectionRef:
     # held-out reference answers: a file, or part of the pool (then never drawn nor selected)
     suite, held = (None, set()) if params.rule == "paper" and not params.sweep else reference_suite(
         pool, params.eval_file, params.heldout, params.seed)
-    complete = complete.filter(~pl.col("uid").is_in(pl.Series(list(held), dtype=pl.String)))
+    complete = complete.filter(~pl.col("uid").is_in(list(held)))
     if params.rule == "paper":
         rule, about = PAPER_RULE, "The paper's published rule (Cao et al. 2023); nothing fitted here."
     else:

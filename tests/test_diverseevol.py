@@ -13,6 +13,7 @@ from tiny_lm import build_tiny_llama
 
 import sft_select.flows.diverseevol as dv
 from sft_select.settings import settings
+from sft_select.tasks.backends.models import FINETUNED
 from sft_select.tasks.embed import embed_signal, load_vectors
 from sft_select.tasks.finetune import Recipe
 
@@ -76,7 +77,7 @@ def test_rounds_grow_by_per_round_and_a_crashed_run_resumes_at_its_round(store, 
     rounds = sorted((dv.Round(key=p.stem, **json.loads(p.read_text())) for p in rounds_dir.glob("*.json")),
                     key=lambda r: r.round)
     assert [r.selected_before for r in rounds] == [4, 7, 10]
-    signal = embed_signal(dv.FINETUNED + rounds[0].model, field="full", max_tokens=64, pooling="mean", normalize=False)
+    signal = embed_signal(FINETUNED + rounds[0].model, field="full", max_tokens=64, pooling="mean", normalize=False)
     pool_uids = sorted(store.datasets.read("toy")["uid"].to_list())
     have, x = load_vectors(signal, pool_uids)
     assert have == pool_uids
