@@ -31,6 +31,8 @@ bench: install
 	$(PY) benchmarks/ifd_throughput.py --limit 128
 	$(PY) benchmarks/storage_1m.py
 	$(PY) benchmarks/record_memory.py
+	$(PY) benchmarks/fault_drills.py
+	$(PY) benchmarks/cpu_share.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
