@@ -82,6 +82,7 @@ def test_the_progress_artifact_shows_counts_and_rate(store, server):
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+    from prefect.client.schemas.sorting import ArtifactSort
 
     rows = [make_example([{"role": "user", "content": f"Job {i}"}, {"role": "assistant", "content": f"answer {i}"}])
             for i in range(5)]
@@ -90,7 +91,8 @@ def test_the_progress_artifact_shows_counts_and_rate(store, server):
 
     async def progress_artifacts():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+                                               sort=ArtifactSort.CREATED_DESC, limit=50)  # the newest
 
     [bar] = [a for a in asyncio.run(progress_artifacts()) if "on progress@1" in (a.description or "")]
     assert bar.data == 100.0 and re.search(r": 5/5 examples, [\d.]+ examples/s$", bar.description)

@@ -121,6 +121,7 @@ def test_the_summary_shows_what_was_selected_and_a_score_histogram(pool, store):
 
     import polars as pl
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from sft_select.tasks.report import histogram_rows
 
@@ -129,7 +130,8 @@ def test_the_summary_shows_what_was_selected_and_a_score_histogram(pool, store):
 
     async def markdowns() -> list[str]:
         async with get_client() as client:
-            return [a.data for a in await client.read_artifacts() if a.type == "markdown"]
+            newest = await client.read_artifacts(sort=ArtifactSort.CREATED_DESC, limit=50)
+            return [a.data for a in newest if a.type == "markdown"]
 
     mds = [m for m in asyncio.run(markdowns()) if top.selection_id in m]  # (ids are content: earlier tests' too)
     assert mds and all("| 1 | Task 39 | word word word" in md for md in mds)  # the example, not its uid

@@ -316,10 +316,16 @@ def test_api_key_never_leaks(store, openai_env, prefect_api, caplog, home):
             texts.append(path.read_bytes().decode("utf-8", "replace"))
 
     async def prefect_records() -> list[str]:
+        """Every artifact and log line on the server (page by page: earlier tests made many)."""
+        records: list[str] = []
         async with get_client() as client:
-            artifacts = await client.read_artifacts()
-            logs = await client.read_logs()
-        return [a.model_dump_json() for a in artifacts] + [entry.message for entry in logs]
+            for read, render in ((client.read_artifacts, lambda a: a.model_dump_json()),
+                                 (client.read_logs, lambda entry: entry.message)):
+                offset = 0
+                while page := await read(limit=200, offset=offset):
+                    records += [render(r) for r in page]
+                    offset += len(page)
+        return records
 
     records = asyncio.run(prefect_records())
     assert any(signal.id in r for r in records)  # the run did publish artifacts and logs
