@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import typing
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,12 +152,14 @@ def _assignments(items: list[str] | None) -> dict[str, object]:
 @contextmanager
 def _flow_session() -> Iterator[None]:
     """Around every command that runs a flow: a store that can be written (or one line saying it
-    cannot, before anything starts), a temporary Prefect server that cannot outlive the command, and
-    SIGINT/SIGTERM as one line with exit code 130/143 (see flows/server.py)."""
+    cannot, before anything starts), a temporary Prefect server that cannot outlive the command,
+    SIGINT/SIGTERM as one line with exit code 130/143 (see flows/server.py), and no tracebacks in
+    Prefect's logs of a failed run (``--debug`` keeps them)."""
     from prefect.settings import PREFECT_HOME
 
     from sft_select.flows.server import interruptible, temporary_api
 
+    _quiet_run_failures()
     _store().check_writable()
     # Prefect keeps results there, and the temporary server its database
     check_writable(Path(PREFECT_HOME.value()), "PREFECT_HOME")
@@ -188,7 +189,6 @@ def ingest(
     try:
         params = IngestParams(path=str(path), name=name, format=format, on_error=on_error,
                               max_record_chars=max_record_chars)
-        _quiet_run_failures()
         with _flow_session():
             ref = ingest_flow(params)
     except InputError as e:
@@ -339,7 +339,6 @@ def run(
     if dataset is None:
         _fail(ValueError("--dataset is required: the name of a dataset registered with `sft-select ingest`"))
     try:
-        _quiet_run_failures()
         flow = load_flow(method)
         values: dict = {"dataset": dataset, "budget": budget}
         model = params_model(flow)
@@ -376,7 +375,6 @@ def demo(
             check_budget(budget)
         except ValueError as e:
             raise ValueError(_option_error(("budget",), str(e), ["budget"])) from None
-        _quiet_run_failures()
         with _flow_session():
             demo_flow(str(path) if path else None, budget)
     except (KeyError, ValueError, ReadOnlyStore) as e:
@@ -435,7 +433,6 @@ def compare(
             suites=[suite_from_name(s.strip(), limit=limit, judge=judge, max_new_tokens=max_new_tokens)
                     for s in suites.split(",") if s.strip()],
             eval_dir=str(eval_dir.expanduser().resolve()) if eval_dir else None)
-        _quiet_run_failures()
         _check_budget_fits(dataset, None, budget)
         with _flow_session():
             if dry:

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from tiny_lm import WORDS, build_tiny_llama
 
-from sft_select.flows.instructmining import (PAPER_RULE, InsignificantFit, InstructMiningParams, check_fit, fit_rule,
+from sft_select.flows.instructmining import (InsignificantFit, InstructMiningParams, check_fit, fit_rule,
                                              instructmining, predict, spread_draws)
 from sft_select.settings import settings
 from sft_select.storage import BatchResult, Outcome, Signal, make_example, read_examples
