@@ -181,6 +181,7 @@ def ingest(
     on_error: Annotated[str, typer.Option(help="stop (default) or skip bad records.")] = "stop",
     max_record_chars: Annotated[int, typer.Option(help="Longest record accepted, in characters (checked as it "
                                                        "is read).")] = 1_000_000,
+    limit: Annotated[int | None, typer.Option(help="Read only the file's first N records.")] = None,
 ) -> None:
     """Register a pool of instruction data as a dataset and print its statistics."""
     from sft_select.flows.ingest import IngestParams, ingest as ingest_flow
@@ -188,7 +189,7 @@ def ingest(
 
     try:
         params = IngestParams(path=str(path), name=name, format=format, on_error=on_error,
-                              max_record_chars=max_record_chars)
+                              max_record_chars=max_record_chars, limit=limit)
         with _flow_session():
             ref = ingest_flow(params)
     except InputError as e:

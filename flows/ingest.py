@@ -26,12 +26,15 @@ class IngestParams(BaseModel):
         "stop", description="stop at the first bad record, or skip bad records (counted and kept in rejects/).")
     max_record_chars: int = Field(MAX_RECORD_CHARS, description="Longest record accepted, in characters: a JSON "
                                                                 "record's text, a Parquet row's turns.")
+    limit: int | None = Field(None, ge=1, description="Read only the file's first this many records (a sample of a "
+                                                      "large pool); empty reads all.")
 
 
 @flow(name="ingest", log_prints=True)
 def ingest(params: IngestParams) -> DatasetRef:
     """Read, validate, deduplicate and register a pool; publish its statistics as artifacts."""
-    info, report = ingest_file(params.path, params.name, params.format, params.on_error, params.max_record_chars)
+    info, report = ingest_file(params.path, params.name, params.format, params.on_error, params.max_record_chars,
+                                params.limit)
     counts = [{"statistic": k, "value": report[k]} for k in ("records", "kept", "duplicates", "rejected")]
     publish_table("ingest-report", counts + stats_rows({"value": report["stats"]})[1:],
                   f"{params.name}@{info.version} from {report['file']} ({report['format']})")

@@ -440,8 +440,10 @@ def read_examples(
     on_error: Literal["stop", "skip"] = "stop",
     source: str | None = None,
     max_record_chars: int = MAX_RECORD_CHARS,
+    limit: int | None = None,
 ) -> ReadResult:
-    """Read a file of instruction data into canonical examples (duplicates kept once, counted)."""
+    """Read a file of instruction data into canonical examples (duplicates kept once, counted);
+    ``limit`` reads only the first that many records (a sample of a large file: its first rows)."""
     path = Path(path)
     if format not in FORMATS:
         raise InputError(path, f"unknown format '{format}'; formats: {', '.join(FORMATS)}")
@@ -455,6 +457,8 @@ def read_examples(
     duplicates = records = 0
     fmt = None if format == "auto" else format
     for index, line, rec in _raw_records(path, max_record_chars):
+        if limit is not None and records >= limit:
+            break
         records += 1
         try:
             if isinstance(rec, InputError):

@@ -23,11 +23,13 @@ def ingest_file(
     format: str = "auto",
     on_error: Literal["stop", "skip"] = "stop",
     max_record_chars: int = MAX_RECORD_CHARS,
+    limit: int | None = None,
 ) -> tuple[DatasetInfo, dict[str, Any]]:
     """Read ``path`` and register it as dataset ``name``; returns the version and the ingest report
-    (records read, kept, duplicates, rejected with reasons, and the pool's statistics)."""
+    (records read, kept, duplicates, rejected with reasons, and the pool's statistics); ``limit`` reads
+    only the file's first that many records."""
     store = get_store()
-    result = read_examples(path, format, on_error=on_error, max_record_chars=max_record_chars)
+    result = read_examples(path, format, on_error=on_error, max_record_chars=max_record_chars, limit=limit)
     if result.examples.height == 0:  # a dataset of nothing would let every later run "succeed" on nothing
         if not result.rejected:
             raise InputError(path, "no records: nothing to register")
@@ -38,6 +40,7 @@ def ingest_file(
         "file": Path(path).name,
         "format": result.format,
         "records": result.records,
+        "limit": limit,
         "kept": result.examples.height,
         "duplicates": result.duplicates,
         "rejected": len(result.rejected),

@@ -284,3 +284,12 @@ def test_export_prints_the_llamafactory_entry_of_its_file(store, tmp_path):
     turns = record[columns["messages"]]  # what LLaMA-Factory reads with this entry
     assert [t[tags["role_tag"]] for t in turns] == [tags["system_tag"], tags["user_tag"], tags["assistant_tag"]]
     assert turns[-1][tags["content_tag"]] == "a"
+
+
+def test_limit_reads_the_first_records_with_the_uids_of_the_whole_file(shared_data):
+    path = shared_data / "train" / "alpaca_9k.json"
+    head = read_examples(path, on_error="skip", limit=50)
+    assert head.records == 50
+    whole = read_examples(path, on_error="skip")
+    # the same examples as the whole file's first ones, so signals paid for on one serve the other
+    assert head.examples["uid"].to_list() == whole.examples["uid"].head(head.examples.height).to_list()
