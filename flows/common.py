@@ -83,9 +83,11 @@ def _failed(store, signals: Sequence[SignalRef], uids: pl.Series) -> int:
 
 @task(name="finish-selection", cache_policy=NO_CACHE)
 def finish(method: str, params: MethodParams, dataset: DatasetRef, selection: pl.DataFrame,
-           signals: Sequence[SignalRef] = ()) -> SelectionRef:
+           signals: Sequence[SignalRef] = (), failed: int | None = None) -> SelectionRef:
     """Save the ordered selection (``uid, score, reason``), export the chosen examples as a training
-    file, and publish the selection's statistics next to the pool's and a summary with signal costs."""
+    file, and publish the selection's statistics next to the pool's and a summary with signal costs.
+    ``failed``: how many examples of the pool have no value because they failed, for a method whose
+    signals are not keyed by example (by default counted from the signals' errors)."""
     if planning() is not None:
         raise NotFilled(f"{method}: a dry run saves no selection")
     store = get_store()
@@ -122,7 +124,7 @@ def finish(method: str, params: MethodParams, dataset: DatasetRef, selection: pl
           f"{_cell(shorten(r['output'], 90))} | {r['score']} | {r['reason']} |" for i, r in enumerate(head.to_dicts())],
     ]
     publish_markdown(_key(method, "summary"), "\n".join(md), f"{method} selection summary")
-    failed = _failed(store, signals, pool["uid"])
+    failed = _failed(store, signals, pool["uid"]) if failed is None else failed
     m = resolve_budget(params.budget, dataset.rows) if params.budget is not None else None
     if m is not None and selection.height < m and failed and not params.allow_partial:
         raise IncompleteSelection(

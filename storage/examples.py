@@ -95,3 +95,22 @@ def prompt_text(row: dict[str, Any]) -> str:
     """Everything before the last assistant turn, as plain text (for embeddings and judges)."""
     turns = row["messages"][:-1] if row["messages"] and row["messages"][-1]["role"] == "assistant" else row["messages"]
     return "\n\n".join(m["content"] for m in turns)
+
+
+def exchanges(examples: pl.DataFrame) -> pl.DataFrame:
+    """Every exchange of every example as an example of its own: each user turn with the answer
+    that follows it (an empty answer when none does), system turns left out. Columns: the
+    canonical ones (``uid`` is the exchange's content id, so a single-turn example without a
+    system turn is its own one exchange, with its own uid) plus ``example`` (the uid of the
+    example it belongs to) and ``turn`` (0, 1, ... within that example)."""
+    rows: list[dict[str, Any]] = []
+    for example, messages, source in zip(examples["uid"], examples["messages"], examples["source"]):
+        turn = 0
+        for i, message in enumerate(messages):
+            if message["role"] != "user":
+                continue
+            answer = messages[i + 1] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else None
+            row = make_example([message] + ([answer] if answer else []), source=source or "")
+            rows.append({**row, "example": example, "turn": turn})
+            turn += 1
+    return pl.DataFrame(rows, schema={**SCHEMA, "example": pl.String, "turn": pl.Int32})

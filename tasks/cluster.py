@@ -15,6 +15,17 @@ distances are one blocked matrix product. Rows whose float32 distance is within 
 the maximum are compared again in float64 against every chosen row, so the choice is the one exact
 arithmetic makes (the same as a float64 textbook loop), not an accident of rounding.
 
+DEITA's repr filter (Liu et al. 2023, "What Makes Good Data for Alignment?"), with rows taken in a
+given order (best score first), accepted set ``S`` and threshold tau:
+
+    for i in order:  accept i  unless  max_{s in S} cos(x_i, x_s) > tau;   stop when |S| = m
+
+(:func:`repr_filter`, exact in float64: rows are compared a block at a time with everything accepted
+before the block, then one by one with what the block itself accepted). :func:`nearest_neighbour_filter`
+is distilabel's ``DeitaFiltering`` rule, a different one kept as a named variant: take rows in order
+and keep those whose cosine distance ``1 - cos`` to their nearest neighbour in the whole pool is at
+least a threshold, to m.
+
 The Prefect tasks read vectors from an ``embed`` signal; their results are derived results
 (``store.derived``), keyed on content: the signal id (a hash of the embedding's parameters), the
 dataset fingerprint (a hash of its uids), how many of those uids have a vector, and the
@@ -187,6 +198,80 @@ def kcenter_greedy(vectors: np.ndarray, m: int, seeds: list[int] | np.ndarray | 
     return (order, radius, distances) if return_distances else (order, radius)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 in float64 (a zero row stays zero: cosine 0 with everything)."""
+    x = np.asarray(vectors, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+
+
+def _walk(n: int, order: np.ndarray | list[int], m: int) -> np.ndarray:
+    order = np.asarray(order, dtype=np.int64)
+    if len(order) and (order.min() < 0 or order.max() >= n or len(np.unique(order)) != len(order)):
+        raise ValueError(f"order must list distinct row indices in [0, {n})")
+    if m < 1:
+        raise ValueError(f"m must be at least 1, got {m}")
+    return order
+
+
+def repr_filter(vectors: np.ndarray, order: np.ndarray | list[int], m: int, tau: float = 0.9,
+                *, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """DEITA's repr filter: walk ``order`` (row indices, best first) and accept a row unless its
+    cosine similarity to a row accepted before it exceeds ``tau``; stop when ``m`` are accepted (or
+    the order is exhausted, so fewer may come back). Returns ``(accepted, similarity)``: the
+    accepted rows in acceptance order, and for each its largest cosine similarity to the rows
+    accepted before it (NaN for the first)."""
+    x = _as_matrix(vectors)
+    order = _walk(x.shape[0], order, m)
+    accepted = np.empty(min(m, len(order)), dtype=np.int64)
+    similarity = np.full(len(accepted), np.nan)
+    chosen = np.empty((len(accepted), x.shape[1]), dtype=np.float64)  # the accepted rows, unit length
+    k = 0
+    for start in range(0, len(order), block):
+        if k == len(accepted):
+            break
+        rows = order[start:start + block]
+        c = unit_rows(x[rows])
+        before = (c @ chosen[:k].T).max(axis=1) if k else np.full(len(rows), -np.inf)  # vs accepted before the block
+        k0 = k
+        for j, row in enumerate(rows):
+            if before[j] > tau:
+                continue
+            best = max(before[j], float((chosen[k0:k] @ c[j]).max())) if k > k0 else before[j]
+            if best > tau:
+                continue
+            accepted[k], chosen[k] = row, c[j]
+            similarity[k] = best if k else np.nan
+            k += 1
+            if k == len(accepted):
+                break
+    return accepted[:k], similarity[:k]
+
+
+def nearest_neighbour_distances(vectors: np.ndarray) -> np.ndarray:
+    """For each row, the cosine distance ``1 - cos`` to its nearest other row (exact, float64)."""
+    u = unit_rows(_as_matrix(vectors))
+    out = np.empty(u.shape[0])
+    block = max(1, 2**25 // u.shape[0])  # rows of similarities at a time: at most 256 MiB
+    for start in range(0, u.shape[0], block):
+        sims = u[start:start + block] @ u.T
+        sims[np.arange(sims.shape[0]), np.arange(start, start + sims.shape[0])] = -np.inf  # not itself
+        out[start:start + block] = 1.0 - sims.max(axis=1)
+    return out
+
+
+def nearest_neighbour_filter(vectors: np.ndarray, order: np.ndarray | list[int], m: int,
+                             min_distance: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """distilabel's ``DeitaFiltering`` rule: walk ``order`` and keep a row when its cosine distance
+    to its nearest neighbour in the whole pool is at least ``min_distance``; stop at ``m``. Returns
+    ``(kept, distance)``. Unlike :func:`repr_filter` a row's fate does not depend on what was kept
+    before it: two near-duplicates are both dropped, even when neither has been kept."""
+    x = _as_matrix(vectors)
+    order = _walk(x.shape[0], order, m)
+    distance = nearest_neighbour_distances(x)[order]
+    keep = np.flatnonzero(distance >= min_distance)[:m]
+    return order[keep], distance[keep]
+
+
 # -- Prefect tasks ---------------------------------------------------------------------------------------
 
 
@@ -297,3 +382,57 @@ def select_kcenter(signal: Signal, dataset: DatasetRef, m: int, seed_uids: list[
     found = get_store().derived.get_or_compute("kcenter", _kcenter_inputs(signal, dataset, m, seed_uids, seed),
                                                compute, version=VERSION, fmt="json")
     return KCenter(signal_id=signal.id, fingerprint=dataset.fingerprint, **found.read())
+
+
+class ReprChoice(BaseModel):
+    """A walk of DEITA's diversity filter over a dataset's vectors in a given order: the accepted
+    ``uids`` in acceptance order with, for each, ``values``: its largest cosine similarity to those
+    accepted before it (``rule="repr"``; None for the first) or its cosine distance to its nearest
+    neighbour in the pool (``rule="nearest_neighbour"``); ``walked``: how far into the order the walk
+    went; ``missing``: examples of the order without a vector (skipped)."""
+
+    signal_id: str
+    rule: str
+    threshold: float
+    uids: list[str]
+    values: list[float | None]
+    walked: int
+    missing: int
+
+
+def _repr_inputs(signal: Signal, dataset: DatasetRef, order: list[str], m: int, threshold: float,
+                 rule: str) -> dict[str, Any]:
+    ordered = hashlib.sha256(canonical_json(order).encode()).hexdigest()[:32]  # the order is an input
+    return vector_inputs(signal, dataset, order=ordered, m=m, threshold=threshold, rule=rule)
+
+
+def _repr_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    return derived_cache_key("repr-filter", _repr_inputs(**parameters), version=VERSION, fmt="json")
+
+
+@task(name="repr-filter", cache_key_fn=_repr_key, persist_result=True, result_serializer="json")
+def select_repr(signal: Signal, dataset: DatasetRef, order: list[str], m: int, threshold: float = 0.9,
+                rule: str = "repr") -> ReprChoice:
+    """Walk ``order`` (uids of the dataset, best first) over the ``signal`` vectors with
+    :func:`repr_filter` (``rule="repr"``, ``threshold`` = tau, a cosine similarity) or
+    :func:`nearest_neighbour_filter` (``rule="nearest_neighbour"``, ``threshold`` = the least cosine
+    distance to the nearest neighbour in the dataset), to ``m`` examples."""
+    if rule not in ("repr", "nearest_neighbour"):
+        raise ValueError(f"unknown rule {rule!r}: repr or nearest_neighbour")
+
+    def compute() -> dict[str, Any]:
+        uids, x, _ = dataset_vectors(signal, dataset)
+        row = {u: i for i, u in enumerate(uids)}
+        walk = np.asarray([row[u] for u in order if u in row], dtype=np.int64)
+        if rule == "repr":
+            chosen, values = repr_filter(x, walk, m, threshold)
+        else:  # the nearest neighbour is sought among every example of the dataset with a vector
+            chosen, values = nearest_neighbour_filter(x, walk, m, threshold)
+        position = {int(r): i for i, r in enumerate(walk)}
+        return {"uids": [uids[i] for i in chosen], "values": [None if np.isnan(v) else float(v) for v in values],
+                "walked": position[int(chosen[-1])] + 1 if len(chosen) == m else len(walk),
+                "missing": len(order) - len(walk)}
+
+    found = get_store().derived.get_or_compute("repr-filter", _repr_inputs(signal, dataset, order, m, threshold, rule),
+                                               compute, version=VERSION, fmt="json")
+    return ReprChoice(signal_id=signal.id, rule=rule, threshold=threshold, **found.read())

@@ -2,8 +2,10 @@
 vector).
 
 ``field`` picks the text: ``prompt`` (every turn before the last answer: the instruction and its
-input), ``output`` (the last answer) or ``full`` (prompt, a blank line, answer). ``pooling`` picks
-the model kind:
+input), ``output`` (the last answer), ``full`` (prompt, a blank line, answer) or ``chat`` (the
+whole conversation in the causal LM's own chat template, so that the last token closes the last
+turn, as DEITA embeds conversations; plain ``full`` text for a model without a template; causal-LM
+poolings only). ``pooling`` picks the model kind:
 
 - ``sentence``: a sentence encoder (:mod:`~sft_select.tasks.backends.encoders`, all-MiniLM-L6-v2 by
   default); rows are L2-normalised.
@@ -33,7 +35,7 @@ from sft_select.tasks.finetune import FINISHED, FinetunedRef, finetuned_dir
 from sft_select.tasks.signal_task import get_store, signal_task
 from sft_select.tasks.lm_loss import by_length
 
-Field = Literal["prompt", "output", "full"]
+Field = Literal["prompt", "output", "full", "chat"]
 Pooling = Literal["sentence", "mean", "last"]
 VERSION = "1"
 
@@ -44,6 +46,9 @@ def embed_signal(model: str | None = None, *, field: Field = "full", max_tokens:
     ``pooling="sentence"`` and to ``settings().local_llm`` for the causal-LM poolings. Sentence
     embeddings are always normalised (``normalize`` is ignored for them)."""
     if pooling == "sentence":
+        if field == "chat":
+            raise ValueError("field 'chat' (a conversation in a causal LM's chat template) needs pooling 'mean' or "
+                             "'last'; a sentence encoder takes 'prompt', 'output' or 'full'")
         model, normalize = model or settings().encoder, True
     else:
         model = model or settings().local_llm
@@ -69,6 +74,9 @@ def build_embed(signal: Signal) -> Compute:
     if p["pooling"] == "sentence":
         from sft_select.tasks.backends.encoders import encode
 
+        def texts(batch: pl.DataFrame) -> list[str]:
+            return texts_of(batch, p["field"])
+
         def vectors(texts: list[str]) -> np.ndarray:
             return encode(texts, p["model"], max_tokens=p["max_tokens"])
     else:
@@ -76,13 +84,20 @@ def build_embed(signal: Signal) -> Compute:
         from sft_select.tasks.backends.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(p["model"])
+        templated = p["field"] == "chat" and bool(getattr(tokenizer, "chat_template", None))
+
+        def texts(batch: pl.DataFrame) -> list[str]:
+            if templated:  # ends on the template's end-of-turn token (DEITA's ends on </s>), not a newline after it
+                return [tokenizer.apply_chat_template(m, tokenize=False).rstrip() for m in batch["messages"].to_list()]
+            return texts_of(batch, "full" if p["field"] == "chat" else p["field"])
 
         def vectors(texts: list[str]) -> np.ndarray:
-            v = hidden_states(model, tokenizer, texts, pooling=p["pooling"], max_length=p["max_tokens"])
+            v = hidden_states(model, tokenizer, texts, pooling=p["pooling"], max_length=p["max_tokens"],
+                              add_special_tokens=not templated)  # a template writes its own special tokens
             return l2_normalise(v) if p["normalize"] else v
 
     def compute(batch: pl.DataFrame) -> BatchResult:
-        return BatchResult.of(list(vectors(texts_of(batch, p["field"]))))
+        return BatchResult.of(list(vectors(texts(batch))))
 
     return compute
 

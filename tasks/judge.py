@@ -30,7 +30,7 @@ from typing import Any
 import polars as pl
 
 from sft_select.storage import BatchResult, Outcome, Signal
-from sft_select.storage.examples import prompt_text
+from sft_select.storage.examples import exchanges, prompt_text
 from sft_select.storage.signals import Compute, Kind, canonical_json
 from sft_select.tasks.backends.chat import LLM, ChatResult, Conversation, get_llm, usage_of
 from sft_select.tasks.signal_task import get_store, signal_task
@@ -45,7 +45,9 @@ class Prompt:
     (every turn before the last answer, as text) and ``source``.
 
     ``parse(raw)`` returns the value or raises ``ValueError``; ``raw`` is the completion text, or,
-    when ``top_logprobs`` is set, JSON ``{"text": ..., "top_logprobs": [{token: logprob}, ...]}``.
+    when ``top_logprobs`` is set, JSON ``{"text": ..., "top_logprobs": [{token: logprob}, ...]}``;
+    ``labels`` (the score tokens of an expected score) are in every position's log-probs whatever
+    their rank where the backend can give them (the local one), as DEITA's scorer reads them.
     Bump ``version`` when the wording or generation settings change (the wording's hash is part of
     the signal's identity anyway) and ``parser_version`` when ``parse`` changes (then
     :func:`reparse` rebuilds the values from the stored raw text).
@@ -63,6 +65,7 @@ class Prompt:
     max_tokens: int = 256
     temperature: float = 0.0
     top_logprobs: int | None = None
+    labels: tuple[str, ...] = ()
     kind: Kind = "float"
     rubric: str = ""  # the published rubric the wording follows (documentation; not part of the identity)
 
@@ -77,7 +80,8 @@ class Prompt:
     @property
     def sha(self) -> str:
         """Hash of the wording and generation settings (part of the signal identity)."""
-        text = json.dumps([self.system, self.template, self.max_tokens, self.temperature, self.top_logprobs])
+        settings = [self.system, self.template, self.max_tokens, self.temperature, self.top_logprobs]
+        text = json.dumps(settings + ([list(self.labels)] if self.labels else []))  # no labels: identities as before
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def render(self, row: Mapping[str, Any]) -> Conversation:
@@ -145,7 +149,7 @@ def llm_batch(prompt: Prompt, llm: LLM) -> Compute:
     def compute(batch: pl.DataFrame) -> BatchResult:
         results = llm.chat([prompt.render(row) for row in batch.iter_rows(named=True)],
                            temperature=prompt.temperature, max_tokens=prompt.max_tokens,
-                           top_logprobs=prompt.top_logprobs)
+                           top_logprobs=prompt.top_logprobs, label_tokens=prompt.labels)
         return BatchResult([prompt.outcome(r) for r in results], usage_of(results), abort=service_failure(llm, results))
 
     return compute
@@ -175,6 +179,13 @@ def estimate_llm(signal: Signal, rows: pl.DataFrame) -> dict[str, float]:
 
 score_with_llm = signal_task("score_with_llm", llm_batch_of, batch_size=32, estimate=estimate_llm)
 """Prefect task ``(signal, dataset) -> SignalRef``: fill an :func:`llm_signal` for a dataset."""
+
+score_exchanges_with_llm = signal_task("score_exchanges_with_llm", llm_batch_of, batch_size=32, estimate=estimate_llm,
+                                       rows=exchanges)
+"""Prefect task ``(signal, dataset) -> SignalRef``: fill an :func:`llm_signal` for every exchange (user
+turn and its answer) of the dataset's conversations, each judged alone and stored under the
+exchange's own content id (:func:`~sft_select.storage.examples.exchanges`; a single-turn example
+is its own exchange)."""
 
 
 def chat_signal(model: str, *, temperature: float, max_tokens: int) -> Signal:
@@ -302,4 +313,5 @@ parse_expected_score = expected_score_parser()
 
 __all__ = ["PROMPTS", "Prompt", "chat_signal", "conversation_uid", "estimate_llm", "expected_score",
            "expected_score_parser", "first_number", "llm_batch", "llm_batch_of", "llm_signal", "parse_expected_score",
-           "prompt_of", "reparse", "reparse_newest", "score_with_llm", "service_failure", "stored_chat"]
+           "prompt_of", "reparse", "reparse_newest", "score_exchanges_with_llm", "score_with_llm", "service_failure",
+           "stored_chat"]

@@ -8,6 +8,9 @@ so a change of wording never reuses ratings made with the old one.
 - AlpaGasus (Chen et al. 2023): accuracy or helpfulness 0-5, as text on the first line or as the
   expected score over the digit tokens (:data:`ALPAGASUS`).
 - Judge-scored indicators of InstructMining and InstructionGPT-4 (:data:`INDICATORS`).
+- DEITA (Liu et al. 2023): the complexity of a query and the quality of a response, each the
+  expected score over "1".."6" at the first generated position, in our wording or in the input
+  format of the released DEITA scorer models (:data:`DEITA`).
 - Evaluation judges: pairwise preference against a reference answer (AlpacaEval's setting, both
   orders) and MT-Bench single-answer grading (:data:`PAIRWISE`, :data:`MT_BENCH`); their
   conversations are rendered with :meth:`Prompt.conversation` over their own fields.
@@ -87,6 +90,49 @@ INDICATORS: dict[str, Prompt] = {
         "Give a score from 1 (not at all) to 5 (completely).", 1, 5, _UNIEVAL.format("understandability")),
 }
 
+# -- DEITA ---------------------------------------------------------------------------------------------
+
+_DEITA_RUBRIC = ("Liu et al. 2023, DEITA: {} scored 1-6 (the scale of the ChatGPT rankings of Evol-Instruct variants "
+                 "its scorers learn), read as the expected score over the digits at the first position")
+_QUERY = "## Query\n{prompt}\n\n"
+_DIGIT = " Reply with the score digit only."
+# The released scorers (hkust-nlp/deita-complexity-scorer, deita-quality-scorer) were fine-tuned on exactly these
+# input texts, sent as one raw prompt (no chat template): an interface, so it is kept to the character.
+_SCORER_COMPLEXITY = ("You are a helpful assistant. Please identify the complexity score of the following user query. "
+                      "\n##Query: {prompt}  \n##Complexity: ")
+_SCORER_QUALITY = ("You are a helpful assistant. Please identify the quality score of the Response corresponding to "
+                   "the Question. \n #Question#:\n{prompt}\n#Response#:\n{output} \n##Quality: ")
+
+
+def _deita(name: str, template: str, rubric: str, system: str | None = None) -> Prompt:
+    return Prompt(name=name, version="1", system=system, template=template, max_tokens=1, top_logprobs=20,
+                  labels=tuple(str(k) for k in range(1, 7)), parse=expected_score_parser(range(1, 7)), rubric=rubric)
+
+
+DEITA: dict[tuple[str, str], Prompt] = {
+    ("complexity", "rubric"): _deita(
+        "deita_complexity", _QUERY + "How complex is this query for an AI assistant to answer well? Score it from 1 "
+        "to 6. 1: a simple request, one step or one fact, no conditions. 6: a demanding request: it sets several "
+        "constraints or requirements, needs deep knowledge or a chain of reasoning steps, asks for something "
+        "concrete and specific, or gives an intricate input to work on. Judge the query alone, not how long it "
+        "is." + _DIGIT, _DEITA_RUBRIC.format("query complexity (the in-depth evolving directions: constraints, "
+                                             "deepening, concretizing, reasoning steps, complicated input)"),
+        system="You rate the queries users send to an AI assistant by how complex and demanding they are."),
+    ("quality", "rubric"): _deita(
+        "deita_quality", _QUERY + "## Response\n{output}\n\nHow good is this response to the query? Score it from "
+        "1 to 6. 1: unhelpful, irrelevant or wrong. 6: excellent: helpful, relevant and accurate, with depth, "
+        "creativity where it fits and the right level of detail. Judge what the response says, not its "
+        "length." + _DIGIT, _DEITA_RUBRIC.format("response quality (the Evol-Quality directions: helpfulness, "
+                                                 "relevance, depth, creativity, level of detail)"),
+        system="You rate the responses an AI assistant gives to user queries."),
+    ("complexity", "scorer"): _deita(
+        "deita_complexity_scorer", _SCORER_COMPLEXITY,
+        "the input format of the released DEITA complexity scorer (hkust-nlp/deita-complexity-scorer)"),
+    ("quality", "scorer"): _deita(
+        "deita_quality_scorer", _SCORER_QUALITY,
+        "the input format of the released DEITA quality scorer (hkust-nlp/deita-quality-scorer)"),
+}
+
 # -- evaluation judges ----------------------------------------------------------------------------------
 
 
@@ -151,5 +197,5 @@ however well it is written.
 """
 MT_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 
-__all__ = ["ALPAGASUS", "INDICATORS", "MT_BENCH", "MT_REFERENCE", "MT_REFERENCE_CATEGORIES", "PAIRWISE",
+__all__ = ["ALPAGASUS", "DEITA", "INDICATORS", "MT_BENCH", "MT_REFERENCE", "MT_REFERENCE_CATEGORIES", "PAIRWISE",
            "parse_rating", "parse_winner"]

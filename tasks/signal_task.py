@@ -203,9 +203,12 @@ def progress_artifact(description: str, unit: str = "examples") -> Callable[[int
 def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: int = 32, max_attempts: int = 3,
                 order_by: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
                 retry_delay_seconds: list[float] | None = None,
-                estimate: Callable[[Signal, pl.DataFrame], dict[str, float]] | None = None):
+                estimate: Callable[[Signal, pl.DataFrame], dict[str, float]] | None = None,
+                rows: Callable[[pl.DataFrame], pl.DataFrame] | None = None):
     """Make a Prefect task ``(signal, dataset[, batch_size][, uids]) -> SignalRef`` from a batch-function
-    builder; ``uids`` fills the signal for that subset of the dataset only.
+    builder; ``uids`` fills the signal for that subset of the dataset only. ``rows`` turns the
+    dataset's examples into the rows the signal is filled for, keyed by their own ``uid`` (e.g.
+    :func:`~sft_select.storage.examples.exchanges`: one row per exchange of a conversation).
 
     The task is idempotent by construction (it fills what is missing, so a second run pays for
     nothing), and not cached by Prefect: a cached result would repeat the counts of the run that
@@ -222,6 +225,8 @@ def signal_task(name: str, build: Callable[[Signal], Compute], *, batch_size: in
         if uids is not None:  # a subset of the dataset (e.g. the examples a method probes)
             examples = dataset.read().join(pl.DataFrame({"uid": uids}, schema={"uid": pl.String}), on="uid",
                                            how="semi")
+        if rows is not None:
+            examples = rows(dataset.read() if examples is None else examples)
         bar = progress_artifact(f"{signal.id} on {dataset.name}@{dataset.version}")
 
         def progress(done: int, total: int) -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -132,6 +133,20 @@ class OpenAIServer:
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+
+@contextmanager
+def serving(answer: Answer, monkeypatch: Any, api_key: str = "sk-test") -> Iterator[OpenAIServer]:
+    """An :class:`OpenAIServer` that the project's settings point at (``OPENAI_BASE_URL``,
+    ``OPENAI_API_KEY``) while it runs."""
+    from sft_select.settings import settings
+
+    with OpenAIServer(answer) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_API_KEY", api_key)
+        settings.cache_clear()
+        yield server
+    settings.cache_clear()
 
 
 def _error(message: str, kind: str) -> dict[str, Any]:

@@ -93,13 +93,15 @@ class LLM(ABC):
         self.usage: dict[str, float] = dict.fromkeys(USAGE_KEYS, 0.0)
 
     def chat(self, conversations: Sequence[Conversation], *, temperature: float = 0.0, max_tokens: int = 256,
-             top_logprobs: int | None = None) -> list[ChatResult]:
+             top_logprobs: int | None = None, label_tokens: Sequence[str] = ()) -> list[ChatResult]:
         """One result per conversation, in order. ``top_logprobs=k`` asks for the k most likely
-        tokens at every generated position (``None``: not asked)."""
+        tokens at every generated position (``None``: not asked); ``label_tokens`` are added to them
+        at every position whatever their rank, where the backend can (the local one; an
+        OpenAI-compatible server returns only its top ones)."""
         if not conversations:
             return []
         results = self._chat(list(conversations), temperature=temperature, max_tokens=max_tokens,
-                             top_logprobs=top_logprobs)
+                             top_logprobs=top_logprobs, label_tokens=tuple(label_tokens))
         with self._usage_lock:
             for k, v in usage_of(results).items():
                 self.usage[k] += v
@@ -107,7 +109,7 @@ class LLM(ABC):
 
     @abstractmethod
     def _chat(self, conversations: list[Conversation], *, temperature: float, max_tokens: int,
-              top_logprobs: int | None) -> list[ChatResult]: ...
+              top_logprobs: int | None, label_tokens: tuple[str, ...] = ()) -> list[ChatResult]: ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -317,7 +319,8 @@ class OpenAIChat(LLM):
         loop.close()
 
     def _chat(self, conversations: list[Conversation], *, temperature: float, max_tokens: int,
-              top_logprobs: int | None) -> list[ChatResult]:
+              top_logprobs: int | None, label_tokens: tuple[str, ...] = ()) -> list[ChatResult]:
+        # label_tokens: the API has no way to ask for given tokens' log-probs; the top ones are what it returns
         if self._api_key is None and self.base_url is None:
             raise ValueError("the OpenAI backend needs OPENAI_API_KEY (or OPENAI_BASE_URL for a server without keys)")
         loop = self._ensure_loop()
@@ -457,12 +460,11 @@ class LocalChat(LLM):
         self._lock = threading.Lock()
 
     def _chat(self, conversations: list[Conversation], *, temperature: float, max_tokens: int,
-              top_logprobs: int | None) -> list[ChatResult]:
+              top_logprobs: int | None, label_tokens: tuple[str, ...] = ()) -> list[ChatResult]:
         from sft_select.tasks.backends.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(self.model_name, self.dtype)
-        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = [self.encode(tokenizer, c) for c in conversations]
         limit = getattr(model.config, "max_position_embeddings", None)
         results: list[ChatResult | None] = [None] * len(conversations)
         order = []
@@ -478,7 +480,7 @@ class LocalChat(LLM):
                 chunk = order[start:start + self.batch_size]
                 try:
                     out = self._generate(model, tokenizer, [ids[i] for i in chunk], temperature, max_tokens,
-                                         top_logprobs)
+                                         top_logprobs, label_tokens)
                 except (RuntimeError, ValueError) as e:  # e.g. out of memory: this chunk fails, not the batch
                     out = [ChatResult(error=f"{type(e).__name__}: {e}")] * len(chunk)
                 for i, r in zip(chunk, out):
@@ -486,8 +488,36 @@ class LocalChat(LLM):
         return [r for r in results if r is not None]
 
     @staticmethod
+    def encode(tokenizer, conversation: Conversation) -> list[int]:
+        """The token ids of a conversation: the model's chat template with the assistant's turn
+        opened. A model without a chat template (a base model, or a scorer fine-tuned on raw text
+        such as DEITA's) takes one user message as its raw prompt, with the tokenizer's own start
+        token, as ``tokenizer(text)`` gives it."""
+        if getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(conversation) != 1 or conversation[0]["role"] != "user":
+            raise ValueError("the model has no chat template: only a single user message can be sent, as a raw "
+                             f"prompt (got the roles {[m['role'] for m in conversation]})")
+        return tokenizer(conversation[0]["content"])["input_ids"]
+
+    @staticmethod
+    def label_ids(tokenizer, labels: Sequence[str]) -> dict[str, int]:
+        """The vocabulary id of each label that is one token (the token itself, as DEITA's scorer
+        reads "1".."6", else the one token the text encodes to); labels of several tokens are left out."""
+        found = {}
+        for label in labels:
+            tid = tokenizer.convert_tokens_to_ids(label)
+            if tid is None or tid == tokenizer.unk_token_id:
+                encoded = tokenizer(label, add_special_tokens=False)["input_ids"]
+                tid = encoded[0] if len(encoded) == 1 else None
+            if tid is not None:
+                found[label] = int(tid)
+        return found
+
+    @staticmethod
     def _generate(model, tokenizer, ids: list[list[int]], temperature: float, max_tokens: int,
-                  top_logprobs: int | None) -> list[ChatResult]:
+                  top_logprobs: int | None, label_tokens: tuple[str, ...] = ()) -> list[ChatResult]:
         import torch
 
         enc = tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
@@ -507,10 +537,12 @@ class LocalChat(LLM):
             top = None
             if top_logprobs:
                 top = []
+                labels = LocalChat.label_ids(tokenizer, label_tokens)
                 for pos in range(length):
-                    values, indices = torch.log_softmax(out.logits[pos][row].float(), dim=-1).topk(top_logprobs)
-                    top.append(_top_dict([(tokenizer.decode([t]), v) for t, v in zip(indices.tolist(),
-                                                                                    values.tolist())]))
+                    logprobs = torch.log_softmax(out.logits[pos][row].float(), dim=-1)
+                    values, indices = logprobs.topk(top_logprobs)
+                    pairs = [(tokenizer.decode([t]), v) for t, v in zip(indices.tolist(), values.tolist())]
+                    top.append(_top_dict(pairs + [(label, float(logprobs[t])) for label, t in labels.items()]))
             results.append(ChatResult(text=tokenizer.decode(tokens[:length], skip_special_tokens=True),
                                       prompt_tokens=int(enc["attention_mask"][row].sum()),
                                       completion_tokens=length, top_logprobs=top, calls=1))
