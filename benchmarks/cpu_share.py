@@ -96,7 +96,7 @@ def judge_run(judge: LocalChat, rows, new_tokens: int) -> tuple[float, float]:
     began = time.perf_counter()
     results = judge.chat(conversations, max_tokens=new_tokens)
     seconds = time.perf_counter() - began
-    config = load_causal_lm(judge.model_name, judge.dtype)[0].config
+    config = load_causal_lm(judge.model_name)[0].config
     prefill = [r.prompt_tokens for r in results]
     generated = [r.completion_tokens for r in results]
     flops = forward_flops(config, sum(prefill), len(prefill), prefill)
@@ -134,7 +134,7 @@ def main() -> None:
         seconds, flops = engine_run(model, tokenizer, rows[: args.examples], bf16)
         print(f"{'loss engine, ' + str(args.examples) + ' examples x 2 (' + name + ')':<44}{seconds:>9.1f}"
               f"{flops / seconds / 1e9:>9.1f}{flops / seconds / 1e9 / top:>8.0%}")
-        judge = LocalChat("smollm2-135m-instruct", batch_size=8, dtype=name)
+        judge = LocalChat("smollm2-135m-instruct", batch_size=8, precision=name)
         judge_run(judge, rows[:2], 4)  # warm-up
         seconds, flops = judge_run(judge, rows[args.examples: args.examples + args.judge_examples], args.new_tokens)
         print(f"{'local judge, ' + str(args.judge_examples) + ' ratings (' + name + ')':<44}{seconds:>9.1f}"

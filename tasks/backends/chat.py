@@ -446,21 +446,23 @@ class LocalChat(LLM):
     Top log-probs are the log-softmax of the model's raw logits at each generated position (before
     any sampling transform), so they are the model's own distribution."""
 
-    def __init__(self, model: str = "smollm2-135m-instruct", *, batch_size: int = 8, dtype: str = "float32"):
+    def __init__(self, model: str = "smollm2-135m-instruct", *, batch_size: int = 8, precision: str = "float32"):
         super().__init__()
         self.model_name = model
         from sft_select.tasks.backends.models import model_identity
 
-        self.name = f"local:{model_identity(model)}"  # a folder by its content, never its path
+        # a folder by its content, never its path; a precision other than float32 is part of the name
+        # (``local:<model>@int8``), so its ratings are a signal of their own
+        self.name = f"local:{model_identity(model)}" + ("" if precision == "float32" else f"@{precision}")
         self.batch_size = batch_size
-        self.dtype = dtype
+        self.precision = precision
         self._lock = threading.Lock()
 
     def _chat(self, conversations: list[Conversation], *, temperature: float, max_tokens: int,
               top_logprobs: int | None) -> list[ChatResult]:
-        from sft_select.tasks.backends.models import load_causal_lm
+        from sft_select.tasks.backends.models import load_scoring_lm
 
-        model, tokenizer = load_causal_lm(self.model_name, self.dtype)
+        model, tokenizer = load_scoring_lm(self.model_name, self.precision)
         prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -478,7 +480,7 @@ class LocalChat(LLM):
                 chunk = order[start:start + self.batch_size]
                 try:
                     out = self._generate(model, tokenizer, [ids[i] for i in chunk], temperature, max_tokens,
-                                         top_logprobs)
+                                         top_logprobs, bf16=self.precision == "bfloat16")
                 except (RuntimeError, ValueError) as e:  # e.g. out of memory: this chunk fails, not the batch
                     out = [ChatResult(error=f"{type(e).__name__}: {e}")] * len(chunk)
                 for i, r in zip(chunk, out):
@@ -487,13 +489,13 @@ class LocalChat(LLM):
 
     @staticmethod
     def _generate(model, tokenizer, ids: list[list[int]], temperature: float, max_tokens: int,
-                  top_logprobs: int | None) -> list[ChatResult]:
+                  top_logprobs: int | None, bf16: bool = False) -> list[ChatResult]:
         import torch
 
         enc = tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
         enc = {k: v.to(model.device) for k, v in enc.items()}
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
                                  return_dict_in_generate=True, output_logits=bool(top_logprobs), **sampling)
         width = enc["input_ids"].shape[1]
@@ -524,7 +526,8 @@ def get_llm(spec: str | None = None) -> LLM:
     """The backend named by ``spec`` (default: ``settings().llm_backend``), one per process:
 
     - ``"local"`` / ``"local:<embedded name or model folder>"``: :class:`LocalChat`
-      (``"local"`` means ``settings().local_llm``);
+      (``"local"`` means ``settings().local_llm``); ``@int8`` or ``@bfloat16`` after it picks the
+      precision (float32 otherwise);
     - ``"openai"`` / ``"openai:<model>"``: :class:`OpenAIChat` on ``OPENAI_BASE_URL`` with the
       concurrency, rate limits and timeout of the settings (``"openai"`` means ``settings().openai_model``).
 
@@ -534,8 +537,10 @@ def get_llm(spec: str | None = None) -> LLM:
     s = settings()
     spec = spec or s.llm_backend
     kind, _, model = spec.partition(":")
-    if kind == "local":
-        return _local(model or s.local_llm)
+    if kind.partition("@")[0] == "local":
+        target = model + kind.removeprefix("local")  # "local@int8" is "local:@int8"
+        model, _, precision = target.rpartition("@") if "@" in target else (target, "", "float32")
+        return _local(model or s.local_llm, precision)
     if kind == "openai":
         model, at, endpoint = model.rpartition("@") if "@" in model else (model, "", "")
         configured = s.openai_endpoint or endpoint_of(s.openai_base_url)
@@ -544,7 +549,8 @@ def get_llm(spec: str | None = None) -> LLM:
                              f"{configured!r} (set SFT_SELECT_OPENAI_ENDPOINT={endpoint} if it serves the same model)")
         return _openai(model or s.openai_model, s.openai_base_url, api_key(), s.openai_max_concurrency,
                        s.openai_rpm, s.openai_tpm, s.openai_timeout_s, s.openai_price_per_mtok, configured)
-    raise ValueError(f"unknown LLM backend {spec!r}: use 'local', 'local:<model>' or 'openai:<model>'")
+    raise ValueError(f"unknown LLM backend {spec!r}: use 'local', 'local:<model>' (either with '@int8' or "
+                     "'@bfloat16' after it) or 'openai:<model>'")
 
 
 def api_key() -> SecretStr | None:
@@ -563,8 +569,8 @@ def api_key() -> SecretStr | None:
 
 
 @lru_cache(maxsize=4)
-def _local(model: str) -> LocalChat:
-    return LocalChat(model)
+def _local(model: str, precision: str = "float32") -> LocalChat:
+    return LocalChat(model, precision=precision)
 
 
 @lru_cache(maxsize=8)
