@@ -441,12 +441,17 @@ class OpenAIChat(LLM):
 
 class LocalChat(LLM):
     """A local causal LM with its chat template: greedy generation at temperature 0 (sampling
-    otherwise), batches of ``batch_size`` conversations of similar length, left padding.
+    otherwise), left padding, conversations batched by length with the loss engine's
+    :func:`~sft_select.tasks.backends.loss_engine.length_batches`: at most ``batch_size``
+    conversations and ``token_budget`` padded positions (prompt + new tokens) a batch, so short
+    prompts decode many at a time (each decoding step reads every weight once, whatever the
+    batch) and long ones do not run out of memory.
 
     Top log-probs are the log-softmax of the model's raw logits at each generated position (before
     any sampling transform), so they are the model's own distribution."""
 
-    def __init__(self, model: str = "smollm2-135m-instruct", *, batch_size: int = 8, precision: str = "float32"):
+    def __init__(self, model: str = "smollm2-135m-instruct", *, batch_size: int = 32, token_budget: int = 16384,
+                 precision: str = "float32"):
         super().__init__()
         self.model_name = model
         from sft_select.tasks.backends.models import model_identity
@@ -455,11 +460,13 @@ class LocalChat(LLM):
         # (``local:<model>@int8``), so its ratings are a signal of their own
         self.name = f"local:{model_identity(model)}" + ("" if precision == "float32" else f"@{precision}")
         self.batch_size = batch_size
+        self.token_budget = token_budget
         self.precision = precision
         self._lock = threading.Lock()
 
     def _chat(self, conversations: list[Conversation], *, temperature: float, max_tokens: int,
               top_logprobs: int | None) -> list[ChatResult]:
+        from sft_select.tasks.backends.loss_engine import length_batches
         from sft_select.tasks.backends.models import load_scoring_lm
 
         model, tokenizer = load_scoring_lm(self.model_name, self.precision)
@@ -474,17 +481,19 @@ class LocalChat(LLM):
                                               f"model's {limit} positions", prompt_tokens=len(seq))
             else:
                 order.append(i)
-        order.sort(key=lambda i: len(ids[i]))
+        batches = [[order[b] for b in batch] for batch in
+                   length_batches([len(ids[i]) + max_tokens for i in order], self.token_budget)]
         with self._lock:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                try:
-                    out = self._generate(model, tokenizer, [ids[i] for i in chunk], temperature, max_tokens,
-                                         top_logprobs, bf16=self.precision == "bfloat16")
-                except (RuntimeError, ValueError) as e:  # e.g. out of memory: this chunk fails, not the batch
-                    out = [ChatResult(error=f"{type(e).__name__}: {e}")] * len(chunk)
-                for i, r in zip(chunk, out):
-                    results[i] = r
+            for batch in batches:
+                for start in range(0, len(batch), self.batch_size):
+                    chunk = batch[start:start + self.batch_size]
+                    try:
+                        out = self._generate(model, tokenizer, [ids[i] for i in chunk], temperature, max_tokens,
+                                             top_logprobs, bf16=self.precision == "bfloat16")
+                    except (RuntimeError, ValueError) as e:  # e.g. out of memory: this chunk fails, not the batch
+                        out = [ChatResult(error=f"{type(e).__name__}: {e}")] * len(chunk)
+                    for i, r in zip(chunk, out):
+                        results[i] = r
         return [r for r in results if r is not None]
 
     @staticmethod
