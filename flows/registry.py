@@ -21,6 +21,9 @@ METHODS: dict[str, str] = {
     "instructmining": "sft_select.flows.instructmining:instructmining",
     "diverseevol": "sft_select.flows.diverseevol:diverseevol",
     "instructiongpt4": "sft_select.flows.instructiongpt4:instructiongpt4",
+    "lift": "sft_select.flows.lift:lift",
+    "tree_instruct": "sft_select.flows.tree_instruct:tree_instruct",
+    "wavecoder": "sft_select.flows.wavecoder:wavecoder",
 }
 # the survey's four families, and the baselines
 FAMILIES: dict[str, str] = {
@@ -29,6 +32,7 @@ FAMILIES: dict[str, str] = {
     "ifd": "trainable LLM", "nuggets": "trainable LLM", "active_it": "trainable LLM", "diverseevol": "trainable LLM",
     "coreset": "small model",
     "alpagasus": "strong LLM",
+    "lift": "strong LLM", "tree_instruct": "strong LLM", "wavecoder": "strong LLM",
 }
 # flows that are not selection methods, deployed too
 OTHER_FLOWS: dict[str, str] = {

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -132,6 +133,22 @@ class OpenAIServer:
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+
+@contextmanager
+def serving(answer: Answer, monkeypatch, **options: Any) -> Iterator[OpenAIServer]:
+    """An :class:`OpenAIServer` that the project's OpenAI backend talks to for one test
+    (``OPENAI_BASE_URL`` and a test key set with ``monkeypatch``; the settings re-read)."""
+    from sft_select.settings import settings
+
+    with OpenAIServer(answer, **options) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-judge")
+        settings.cache_clear()
+        try:
+            yield server
+        finally:
+            settings.cache_clear()
 
 
 def _error(message: str, kind: str) -> dict[str, Any]:
