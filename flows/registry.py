@@ -21,13 +21,14 @@ METHODS: dict[str, str] = {
     "instructmining": "sft_select.flows.instructmining:instructmining",
     "diverseevol": "sft_select.flows.diverseevol:diverseevol",
     "instructiongpt4": "sft_select.flows.instructiongpt4:instructiongpt4",
+    "mods": "sft_select.flows.mods:mods",
 }
 # the survey's four families, and the baselines
 FAMILIES: dict[str, str] = {
     "random": "baseline", "longest": "baseline",
     "dq": "indicator-based", "instructmining": "indicator-based", "instructiongpt4": "indicator-based",
     "ifd": "trainable LLM", "nuggets": "trainable LLM", "active_it": "trainable LLM", "diverseevol": "trainable LLM",
-    "coreset": "small model",
+    "coreset": "small model", "mods": "small model",
     "alpagasus": "strong LLM",
 }
 # flows that are not selection methods, deployed too
