@@ -183,34 +183,27 @@ def test_mods_keeps_the_seeds_and_the_instructions_the_seed_model_answers_badly(
 
 
 @pytest.mark.slow
-def test_a_trained_reward_model_ranks_held_out_preferred_answers_first(shared_data, tmp_path, monkeypatch):
-    """SmolLM2-135M with a fresh head, its top layers trained briefly on short HH-RLHF harmlessness
-    pairs, ranks the chosen answer of held-out pairs above the rejected one more often than chance
-    (one-sided binomial test)."""
+def test_a_trained_reward_model_ranks_held_out_preferred_answers_first(shared_data, tiny_llama, tmp_path,
+                                                                      monkeypatch):
+    """A reward model trained with TRL on the first 200 pairs of a real preference set (LLaMA-Factory's
+    DPO demo, 300 pairs) ranks the chosen answer of the other 100 above the rejected one more often
+    than chance (one-sided binomial test at 5%). The base is the tiny random Llama, every weight
+    trained: what it learns is the data's wording (the rejected answers' stock openings such as
+    "Sure, I'd be happy to help!"), which is enough to beat chance and fast enough for a test."""
     from scipy.stats import binomtest
-    from transformers import AutoTokenizer
 
-    from sft_select.tasks.backends.models import causal_lm_path
-
-    tokenizer = AutoTokenizer.from_pretrained(causal_lm_path("smollm2-135m-instruct"))
-    short = [p for p in read_pairs(shared_data / "pref" / "hh_rlhf_harmless_test.jsonl.gz")
-             if len(p.prompt) == 1 and p.chosen and p.rejected
-             and max(len(render(tokenizer, p.prompt, a, 10_000)) for a in (p.chosen, p.rejected)) <= TOKENS]
-    train, held = short[:TRAIN], short[TRAIN:TRAIN + HELD]
-    pairs = tmp_path / "train.jsonl"
-    pairs.write_text("".join(json.dumps(p.model_dump()) + "\n" for p in train))
+    pairs = read_pairs(shared_data / "pref" / "dpo_en_demo_300.json")
+    train, held = pairs[:200], pairs[200:]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(p.model_dump()) + "\n" for p in train))
     monkeypatch.setenv("SFT_SELECT_MODEL_CACHE", str(tmp_path / "models"))
     settings.cache_clear()
-    model = train_reward_model(pairs, recipe=RewardRecipe(**RECIPE))
-    result = preference_accuracy(model.identity, held)
-    settings.cache_clear()
+    recipe = RewardRecipe(epochs=3, lr=1e-3, batch_size=16, max_length=128, trainable_layers=None)
+    model = train_reward_model(path, tiny_llama, recipe)
+    assert model.pairs == 200 and model.steps == 39 and train_reward_model(path, tiny_llama, recipe) == model  # cached
+    result = preference_accuracy(model.identity, held, max_length=128)
     correct = round(result["accuracy"] * len(held))
     assert binomtest(correct, len(held), 0.5, alternative="greater").pvalue < 0.05, result
-
-
-TOKENS, TRAIN, HELD = 96, 96, 96
-RECIPE = {"epochs": 2, "trainable_layers": 2, "lr": 1e-4}
-
 
 @pytest.mark.usefixtures("prefect_api")
 def test_instructmining_paper_rule_takes_a_reward_model_checkpoint(store, tmp_path):
