@@ -24,13 +24,14 @@ METHODS: dict[str, str] = {
     "lift": "sft_select.flows.lift:lift",
     "tree_instruct": "sft_select.flows.tree_instruct:tree_instruct",
     "wavecoder": "sft_select.flows.wavecoder:wavecoder",
+    "mods": "sft_select.flows.mods:mods",
 }
 # the survey's four families, and the baselines
 FAMILIES: dict[str, str] = {
     "random": "baseline", "longest": "baseline",
     "dq": "indicator-based", "instructmining": "indicator-based", "instructiongpt4": "indicator-based",
     "ifd": "trainable LLM", "nuggets": "trainable LLM", "active_it": "trainable LLM", "diverseevol": "trainable LLM",
-    "coreset": "small model",
+    "coreset": "small model", "mods": "small model",
     "alpagasus": "strong LLM",
     "lift": "strong LLM", "tree_instruct": "strong LLM", "wavecoder": "strong LLM",
 }
