@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "instructmining": "sft_select.flows.instructmining:instructmining",
     "diverseevol": "sft_select.flows.diverseevol:diverseevol",
     "instructiongpt4": "sft_select.flows.instructiongpt4:instructiongpt4",
+    "instag": "sft_select.flows.instag:instag",
 }
 # the survey's four families, and the baselines
 FAMILIES: dict[str, str] = {
@@ -29,6 +30,7 @@ FAMILIES: dict[str, str] = {
     "ifd": "trainable LLM", "nuggets": "trainable LLM", "active_it": "trainable LLM", "diverseevol": "trainable LLM",
     "coreset": "small model",
     "alpagasus": "strong LLM",
+    "instag": "strong LLM",
 }
 # flows that are not selection methods, deployed too
 OTHER_FLOWS: dict[str, str] = {
