@@ -116,9 +116,10 @@ class InsTagParams(MethodParams):
 
 
 def _vocabulary_rows(normalization: Normalization, limit: int = 200) -> list[dict]:
-    return [{"tag": v["tag"], "examples": v["examples"], "raw tags": ", ".join(v["members"][:8])
+    rows = [{"tag": v["tag"], "examples": v["examples"], "raw tags": ", ".join(v["members"][:8])
              + (f", ... ({len(v['members'])})" if len(v["members"]) > 8 else "")}
             for v in normalization.vocabulary[:limit]]
+    return rows or [{"tag": "-", "examples": 0, "raw tags": "no tag is left after normalisation"}]
 
 
 @flow(name="instag", log_prints=True)
