@@ -25,6 +25,7 @@ METHODS: dict[str, str] = {
     "tree_instruct": "sft_select.flows.tree_instruct:tree_instruct",
     "wavecoder": "sft_select.flows.wavecoder:wavecoder",
     "mods": "sft_select.flows.mods:mods",
+    "instag": "sft_select.flows.instag:instag",
 }
 # the survey's four families, and the baselines
 FAMILIES: dict[str, str] = {
@@ -34,6 +35,7 @@ FAMILIES: dict[str, str] = {
     "coreset": "small model", "mods": "small model",
     "alpagasus": "strong LLM",
     "lift": "strong LLM", "tree_instruct": "strong LLM", "wavecoder": "strong LLM",
+    "instag": "strong LLM",
 }
 # flows that are not selection methods, deployed too
 OTHER_FLOWS: dict[str, str] = {

@@ -8,6 +8,7 @@ so a change of wording never reuses ratings made with the old one.
 - AlpaGasus (Chen et al. 2023): accuracy or helpfulness 0-5, as text on the first line or as the
   expected score over the digit tokens (:data:`ALPAGASUS`).
 - Judge-scored indicators of InstructMining and InstructionGPT-4 (:data:`INDICATORS`).
+- InsTag (Lu et al. 2023): the query's intention tags with explanations, as JSON (:data:`INSTAG`).
 - Evaluation judges: pairwise preference against a reference answer (AlpacaEval's setting, both
   orders) and MT-Bench single-answer grading (:data:`PAIRWISE`, :data:`MT_BENCH`); their
   conversations are rendered with :meth:`Prompt.conversation` over their own fields.
@@ -25,7 +26,7 @@ import json
 import re
 from typing import Literal
 
-from sft_select.tasks.judge import Prompt, expected_score_parser, first_number
+from sft_select.tasks.judge import Prompt, expected_score_parser, first_number, parse_json_answer
 
 # -- AlpaGasus -------------------------------------------------------------------------------------------
 
@@ -93,6 +94,54 @@ INDICATORS: dict[str, Prompt] = {
         "How understandable is the response: can a reader grasp what it says without effort? "
         "Give a score from 1 (not at all) to 5 (completely).", 1, 5, _UNIEVAL.format("understandability")),
 }
+
+# -- InsTag ---------------------------------------------------------------------------------------------
+
+_INSTAG_RUBRIC = ("Lu et al. 2023, #InsTag, open-set tagging prompt (the user query's intention tags, each with an "
+                  "explanation, as JSON tag/explanation objects)")
+
+
+def parse_intent_tags(raw: str) -> str:
+    """InsTag's tagging answer: a JSON list of ``{"tag": ..., "explanation": ...}`` objects (also one such
+    object, a bare tag string in the list, or the list under a "tags" key), read with
+    :func:`~sft_select.tasks.judge.parse_json_answer`. Returns the canonical JSON list of
+    ``{"tag", "explanation"}`` (explanation null where none was given), tags stripped and each kept once.
+    Raises ``ValueError`` when no tag can be read: no JSON, an item without a non-empty string "tag",
+    or an empty list (every query has at least one intention)."""
+    value = parse_json_answer(raw)
+    if isinstance(value, dict):
+        value = value["tags"] if isinstance(value.get("tags"), list) else [value]
+    tags: dict[str, str | None] = {}
+    for i, item in enumerate(value):
+        tag, explanation = (item, None) if isinstance(item, str) else (
+            (item.get("tag"), item.get("explanation")) if isinstance(item, dict) else (None, None))
+        if not isinstance(tag, str) or not tag.strip():
+            raise ValueError(f"item {i + 1} has no tag (a non-empty string under \"tag\"): {json.dumps(item)[:80]}")
+        tags.setdefault(tag.strip(), explanation if isinstance(explanation, str) else None)
+    if not tags:
+        raise ValueError("the answer lists no tags")
+    return json.dumps([{"tag": t, "explanation": e} for t, e in tags.items()], ensure_ascii=False)
+
+
+INSTAG = Prompt(
+    name="instag_tags", version="1", parse=parse_intent_tags, kind="json", max_tokens=512, rubric=_INSTAG_RUBRIC,
+    system="You annotate the user queries of an instruction-tuning dataset with tags. You answer with JSON only.",
+    template="""Tag the intentions of the user in a query: what the user asks for, the tasks and skills the answer \
+needs, the subject, and any constraints on the answer (format, length, language, style). Each tag is a few words, \
+with a one-sentence explanation. Use as many tags as the query needs. Answer with a JSON list of \
+{{"tag": str, "explanation": str}} objects and nothing else.
+
+Example query:
+Give me three tips for staying focused while studying, as a numbered list.
+
+Example answer:
+[{{"tag": "advice", "explanation": "The user asks for tips."}}, {{"tag": "study skills", "explanation": "The tips \
+are about studying."}}, {{"tag": "list format", "explanation": "The answer must be a numbered list of three items."}}]
+
+Query:
+{prompt}
+
+Answer:""")
 
 # -- evaluation judges ----------------------------------------------------------------------------------
 
@@ -306,3 +355,5 @@ language: no - the instruction does not name a language
 __all__ = ["ALPAGASUS", "INDICATORS", "LIFT_EXPECTED", "LIFT_POINTS", "LIFT_QUALITY", "MT_BENCH", "MT_REFERENCE",
            "MT_REFERENCE_CATEGORIES", "PAIRWISE", "TREE_INSTRUCT_NODES", "WAVECODER_CHECKLIST", "WAVECODER_CHECKS",
            "parse_checklist", "parse_lift_parts", "parse_node_count", "parse_rating", "parse_winner"]
+__all__ = ["ALPAGASUS", "INDICATORS", "INSTAG", "MT_BENCH", "MT_REFERENCE", "MT_REFERENCE_CATEGORIES", "PAIRWISE",
+           "parse_intent_tags", "parse_rating", "parse_winner"]
