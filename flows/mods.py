@@ -1,4 +1,4 @@
-"""MoDS (Du, Zong & Zhang 2023, "MoDS: Model-oriented Data Selection for Instruction Tuning").
+"""MoDS (Du et al. 2023, "MoDS: Model-oriented Data Selection for Instruction Tuning").
 
 Algorithm (quality, coverage, necessity):
   1. Quality. A reward model scores every (instruction [+ input], output); keep the examples whose

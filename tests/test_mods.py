@@ -155,9 +155,9 @@ def test_mods_keeps_the_seeds_and_the_instructions_the_seed_model_answers_badly(
     seeds = chosen.filter(pl.col("score").is_null())["uid"].to_list()
     necessary = chosen.filter(pl.col("score").is_not_null())
     assert len(seeds) == 4 and set(chosen["uid"]) <= set(high)  # everything chosen passed the quality filter
-    have, x = load_vectors(embed_signal(None, field="instruction", max_tokens=96), pl.Series(high))
+    have, x = load_vectors(embed_signal(None, field="instruction", max_tokens=96), pl.Series(sorted(high)))
     order, _ = kcenter_greedy(x, 4, seed=0)
-    assert seeds == [have[i] for i in order]  # the seeds: k-center greedy over the high-quality instructions
+    assert seeds == [have[i] for i in order]  # k-center greedy over the high-quality instructions, in uid order
     # necessary: exactly the other high-quality instructions whose generated answer scored below beta
     scored = dict(answered.select("uid", "score").iter_rows())
     expected = sorted((u for u in high if u not in seeds and scored.get(u, math.inf) < beta), key=lambda u: (scored[u], u))
