@@ -13,14 +13,15 @@ multiplies matrices of the model's layer shapes. Measured side by side in one ru
    per layer and sequence;
 3. **local judge**: ``LocalChat.chat`` with AlpaGasus's text prompt (prefill, then greedy decoding of
    up to ``--new-tokens``), FLOPs counted the same way (the output layer on the last prompt position
-   and every generated one);
+   and every generated one); in batches of 8 conversations (the judge before issue 11) and in its
+   default batches (by length, up to 32 conversations and a token budget);
 4. the per-example two-pass loop of ``benchmarks/loss_engine.py`` for the engine's ratio.
 
 Each share is achieved GFLOP/s over the peak of the precision it ran at. Target: >= 50% each. bf16
 runs only where this CPU runs it at least as fast as float32 (the measured probe of
 ``tasks/backends/precision.py``), unless ``--bf16`` forces it.
 
-    python benchmarks/cpu_share.py [--examples 32] [--judge-examples 16] [--new-tokens 32] [--threads N]
+    python benchmarks/cpu_share.py [--examples 32] [--judge-examples 64] [--new-tokens 32] [--threads N]
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def judge_run(judge: LocalChat, rows, new_tokens: int) -> tuple[float, float]:
     began = time.perf_counter()
     results = judge.chat(conversations, max_tokens=new_tokens)
     seconds = time.perf_counter() - began
-    config = load_causal_lm(judge.model_name, judge.dtype)[0].config
+    config = load_causal_lm(judge.model_name)[0].config
     prefill = [r.prompt_tokens for r in results]
     generated = [r.completion_tokens for r in results]
     flops = forward_flops(config, sum(prefill), len(prefill), prefill)
@@ -109,7 +110,7 @@ def judge_run(judge: LocalChat, rows, new_tokens: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=32)
-    ap.add_argument("--judge-examples", type=int, default=16)
+    ap.add_argument("--judge-examples", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--bf16", action="store_true", help="measure bf16 even where the probe finds it slower")
@@ -134,11 +135,13 @@ def main() -> None:
         seconds, flops = engine_run(model, tokenizer, rows[: args.examples], bf16)
         print(f"{'loss engine, ' + str(args.examples) + ' examples x 2 (' + name + ')':<44}{seconds:>9.1f}"
               f"{flops / seconds / 1e9:>9.1f}{flops / seconds / 1e9 / top:>8.0%}")
-        judge = LocalChat("smollm2-135m-instruct", batch_size=8, dtype=name)
-        judge_run(judge, rows[:2], 4)  # warm-up
-        seconds, flops = judge_run(judge, rows[args.examples: args.examples + args.judge_examples], args.new_tokens)
-        print(f"{'local judge, ' + str(args.judge_examples) + ' ratings (' + name + ')':<44}{seconds:>9.1f}"
-              f"{flops / seconds / 1e9:>9.1f}{flops / seconds / 1e9 / top:>8.0%}")
+        judged = rows[args.examples: args.examples + args.judge_examples]
+        for label, judge in (("batches of 8", LocalChat("smollm2-135m-instruct", batch_size=8, precision=name)),
+                             ("default batches", LocalChat("smollm2-135m-instruct", precision=name))):
+            judge_run(judge, rows[:2], 4)  # warm-up
+            seconds, flops = judge_run(judge, judged, args.new_tokens)
+            print(f"{'local judge, ' + str(len(judged)) + ' ratings, ' + label + ' (' + name + ')':<44}"
+                  f"{seconds:>9.1f}{flops / seconds / 1e9:>9.1f}{flops / seconds / 1e9 / top:>8.0%}")
     if len(precisions) == 1:
         print("bfloat16 not measured: the probe finds it slower than float32 on this CPU (--bf16 measures it anyway)")
     print("target: the loss engine and the local judge each at >= 50% of the peak of the precision they run at")

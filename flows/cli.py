@@ -316,7 +316,8 @@ def run(
     ctx: typer.Context,
     method: Annotated[str | None, typer.Argument(help="Selection method (`sft-select methods` lists them).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset name.")] = None,
-    budget: Annotated[float | None, typer.Option(help="Count (>= 1) or fraction (< 1).")] = 0.1,
+    budget: Annotated[float | None, typer.Option(help="Count (>= 1) or fraction (< 1); empty: the method's own "
+                                                      "default (its paper's, see `run METHOD --help`).")] = None,
     judge: Annotated[str | None, typer.Option(help="LLM for judge methods: local, local:MODEL, openai:MODEL.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Other parameters, KEY=VALUE (JSON values).")] = None,
     dry: Annotated[bool, typer.Option("--dry-run", help="Print the model calls, tokens and cost the run would pay "
@@ -341,7 +342,7 @@ def run(
         _fail(ValueError("--dataset is required: the name of a dataset registered with `sft-select ingest`"))
     try:
         flow = load_flow(method)
-        values: dict = {"dataset": dataset, "budget": budget}
+        values: dict = {"dataset": dataset} | ({"budget": budget} if budget is not None else {})
         model = params_model(flow)
         if judge is not None:
             if "judge" not in model.model_fields:

@@ -176,7 +176,8 @@ class IFDParams(MethodParams):
                                                 "empty: the configured local model (SFT_SELECT_LOCAL_LLM).")
     max_length: int | None = Field(None, ge=16, description="Tokens of prompt + answer; empty: 512 (cherry) or "
                                                             "1024 (superfiltering), the authors' scripts.")
-    precision: Precision = Field("float32", description="bfloat16 runs the losses under bf16 autocast.")
+    precision: Precision = Field("float32", description="bfloat16: the losses under bf16 autocast (where this CPU or GPU "
+                                                         "runs bf16 fast); int8: dynamically quantised linear layers (CPU).")
     pre_experience: bool = Field(True, description="cherry only: learn from brief experience first (the paper's "
                                                    "v1); off scores with the base model (their v2).")
     clusters: int = Field(100, ge=1, description="k-means clusters of the instruction embeddings (pre-experience).")

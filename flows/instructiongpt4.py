@@ -2,7 +2,8 @@
 MiniGPT-4"), for text data.
 
 1. An indicator vector per example: the response length, a judge's 0-100 quality score (the
-   paper's GPT-4 score, where a judge is configured) and the text embedding reduced by PCA to 6
+   paper's GPT-4 score, where a judge is configured), a reward model's score (the paper's reward
+   score, where ``reward_model`` is set) and the text embedding reduced by PCA to 6
    dimensions; each column standardised over the pool.
 2. Quality labels: k-means++ splits the pool into 30 subsets; the base model is fine-tuned on each
    and evaluated; the subset's label is its quality ``q(S) = -(eval loss)``.
@@ -16,8 +17,10 @@ MiniGPT-4"), for text data.
    default budget is that share, 200 / 3,439 = 5.8% of the pool.
 
 Deviations: the data here are text, so the CLIP image-text score and the image embedding are not
-used (no image column exists in the canonical schema), nor is the reward score (no reward model
-ships offline; the judge's quality score is the learned-quality input); the text embedding is a
+used (no image column exists in the canonical schema); the reward score is an option
+(``reward_model``: a local sequence-classification checkpoint, or ``default``, the small reward model
+the project trains on its shipped preference file, ``tasks/reward.py``), off by default, and the
+judge's quality score is the other learned-quality input; the text embedding is a
 sentence encoder's (the paper: LLaMA-2's last token), its PCA fitted once on the pool. Labels are
 the negative reference loss on held-out answers (the paper averaged benchmark scores of fine-tuned
 MiniGPT-4s). ``subset_cap`` trains each label's model on at most that many examples of its cluster
@@ -47,6 +50,8 @@ from sft_select.tasks.indicators import (LabelSettings, reference_suite, subset_
 from sft_select.tasks.judge import llm_signal, score_with_llm
 from sft_select.tasks.prompts import INDICATORS
 from sft_select.tasks.report import publish_table
+from sft_select.tasks.reward import resolve_reward_model, reward_signal
+from sft_select.tasks.reward import reward as reward_task
 from sft_select.tasks.select import resolve_budget
 
 SelectorKind = Literal["mlp", "attention"]
@@ -196,6 +201,9 @@ class InstructionGPT4Params(LabelSettings, MethodParams):
                                  "200 of 3,439 (5.8%).")
     judge: str | None = Field(None, description="LLM backend of the 0-100 quality score ('local', "
                                                 "'openai:<model>'); empty: the score is left out.")
+    reward_model: str | None = Field(None, description="Reward model of the reward score in the vector: a local "
+                                                       "sequence-classification checkpoint folder, or 'default' (a small "
+                                                       "reward model trained here); empty: the score is left out.")
     encoder: str | None = Field(None, description="Sentence encoder of the text embedding; the configured "
                                                   "default when empty.")
     embed_dims: int = Field(6, ge=1, description="PCA dimensions of the text embedding in the vector.")
@@ -231,6 +239,12 @@ def instructiongpt4(params: InstructionGPT4Params) -> SelectionRef:
         table = table.join(store.signals.values(quality, have, alias="quality"), on="uid", how="left",
                            maintain_order="left")
         columns.append("quality")
+    if params.reward_model is not None:
+        scored = reward_signal(resolve_reward_model(params.reward_model))
+        signals.append(reward_task(scored, dataset))
+        table = table.join(store.signals.values(scored, have, alias="reward"), on="uid", how="left",
+                           maintain_order="left")
+        columns.append("reward")
     ok = table.select(pl.all_horizontal(pl.col(columns).is_not_null())).to_series().to_numpy()
     uids, vectors = [u for u, keep in zip(have, ok) if keep], vectors[ok]
     reduced = pca(vectors, params.embed_dims)

@@ -40,16 +40,19 @@ span the pool's range.
 Deviations: the paper fits on LLaMA-2-7B fine-tunes of many subsets drawn from several datasets and
 evaluates on its own held-out sets; here the base model, recipe, subset count and size are
 parameters, the subsets are tilted draws from the one pool (above), and (without ``eval_file``) ``heldout`` examples
-of the pool, never selected, are the reference answers. Without a reward model offline, the fitted rule's reward
-indicator is a judge's 0-100 quality score, and the UniEval dimensions are judge ratings (1-5);
+of the pool, never selected, are the reference answers. Without a reward model (``reward_model``), the fitted
+rule's reward slot is a judge's 0-100 quality score, and the UniEval dimensions are judge ratings (1-5);
 without a judge they are left out. Lengths are counted in words. The paper pruned indicators by
 their significance in the fit; here ``indicators`` picks them. The size search is a grid, not
 BlendSearch. Examples missing an indicator (a failed signal) are neither drawn nor ranked.
 
-``rule="paper"`` needs a reward-model score, which this project does not compute yet: the run
-refuses unless ``reward_signal`` names a stored signal holding one per example (the paper's reward
-model is OpenAssistant's DeBERTa-v3 reward model; the judge's 0-100 ``quality`` is on another scale
-and is never put in its place). The paper's ``Len`` term takes ``output_length`` in words (the
+``rule="paper"`` needs a reward-model score: ``reward_model`` computes it (the ``reward`` signal of
+``tasks/reward.py``: a local sequence-classification checkpoint such as the paper's, OpenAssistant's
+DeBERTa-v3 reward model, or ``default``, the small reward model the project trains on its shipped
+preference file, whose scores are on its own scale), or ``reward_signal`` names a stored signal
+holding one per example; with neither the run refuses (the judge's 0-100 ``quality`` is on another
+scale and is never put in its place). The same reward score is the ``reward`` indicator of the fitted
+rule. The paper's ``Len`` term takes ``output_length`` in words (the
 paper's unit may differ; at 8.3e-5 per unit the term is small either way) and KNN_6 the configured
 sentence encoder's embeddings of the whole example, so the published coefficients carry over only
 approximately.
@@ -76,6 +79,8 @@ from sft_select.tasks.judge import llm_signal, score_with_llm
 from sft_select.tasks.lm_loss import lm_loss, lm_loss_signal
 from sft_select.tasks.prompts import INDICATORS
 from sft_select.tasks.report import publish_markdown, publish_table
+from sft_select.tasks.reward import resolve_reward_model, reward_signal
+from sft_select.tasks.reward import reward as reward_task
 from sft_select.tasks.select import resolve_budget, select
 
 Indicator = Literal["input_length", "output_length", "perplexity", "mtld", "knn", "quality", "naturalness",
@@ -176,10 +181,14 @@ def predict(rule: Rule, indicators: pl.DataFrame) -> np.ndarray:
 class InstructMiningParams(LabelSettings, MethodParams):
     rule: Literal["fit", "paper"] = Field(
         "fit", description="fit: fit the rule on fine-tuned subsets of this pool; paper: the paper's published rule "
-                           "(reward, output length, KNN-6; needs reward_signal), no fine-tuning.")
+                           "(reward, output length, KNN-6; needs reward_model or reward_signal), no fine-tuning.")
+    reward_model: str | None = Field(
+        None, description="Reward model that scores the reward indicator (Rew): a local sequence-classification "
+                          "checkpoint folder (the paper: OpenAssistant's DeBERTa-v3 reward model), or 'default' (a small "
+                          "reward model trained here on the shipped preference file). Empty: reward_signal, if any.")
     reward_signal: str | None = Field(
         None, description="Id (or unique prefix) of a stored signal holding a reward-model score per example: the "
-                          "reward indicator (Rew) of rule='paper'. Without it that rule refuses to run.")
+                          "reward indicator (Rew), when reward_model is empty. rule='paper' refuses without either.")
     significance: float = Field(0.05, gt=0, lt=1, description="rule='fit': the F-test p-value the fit must beat.")
     on_insignificant: Literal["refuse", "warn"] = Field(
         "refuse", description="rule='fit': what to do with a fit no better than chance: refuse (fail) or warn.")
@@ -212,19 +221,24 @@ def indicator_table(params: InstructMiningParams, dataset: DatasetRef,
         names = list(PAPER_RULE.indicators)
         if params.knn != 6:
             raise ValueError(f"rule='paper' has a KNN-6 term: knn must be 6, not {params.knn}")
-        if params.reward_signal is None:
-            raise ValueError("rule='paper' has a reward term (-0.1498 x Rew, a reward-model score) and this project "
-                             "computes no reward signal yet: pass reward_signal=<id of a stored signal holding one per "
-                             "example>, or use rule='fit' (the judge's quality score is on another scale and is not "
-                             "used in its place)")
+        if params.reward_signal is None and params.reward_model is None:
+            raise ValueError("rule='paper' has a reward term (-0.1498 x Rew, a reward-model score): pass reward_model "
+                             "(a reward-model checkpoint folder, or 'default') or reward_signal=<id of a stored signal "
+                             "holding one per example>, or use rule='fit' (the judge's quality score is on another "
+                             "scale and is not used in its place)")
     if params.judge is None and set(names) & set(JUDGED):
         raise ValueError(f"indicators {sorted(set(names) & set(JUDGED))} are judge-scored: set `judge`")
-    if "reward" in names and params.reward_signal is None:
-        raise ValueError("the reward indicator needs reward_signal (a stored signal of reward-model scores)")
+    if "reward" in names and params.reward_signal is None and params.reward_model is None:
+        raise ValueError("the reward indicator needs reward_model or reward_signal (a stored signal of reward-model "
+                         "scores)")
     store, uids = get_store(), pool["uid"]
     table, signals = text_indicators(pool), []
     if "reward" in names:
-        reward = store.signals.get(params.reward_signal)
+        if params.reward_model is not None:
+            reward = reward_signal(resolve_reward_model(params.reward_model))
+            signals.append(reward_task(reward, dataset))
+        else:
+            reward = store.signals.get(params.reward_signal)
         table = table.join(store.signals.values(reward, uids, alias="reward"), on="uid", how="left")
     if "perplexity" in names:
         signal = lm_loss_signal(params.perplexity_model, conditioned=True, template=params.perplexity_template,

@@ -81,7 +81,8 @@ class NuggetsParams(MethodParams):
     max_length: int = Field(512, ge=16, description="Tokens of a demonstration (prompt + answer).")
     anchor_max_length: int = Field(ANCHOR_MAX_LENGTH, ge=16, description="Tokens of an anchor (prompt + answer; "
                                                                          "the authors' 200).")
-    precision: Precision = Field("float32", description="bfloat16 runs the losses under bf16 autocast.")
+    precision: Precision = Field("float32", description="bfloat16: the losses under bf16 autocast (where this CPU or GPU "
+                                                         "runs bf16 fast); int8: dynamically quantised linear layers (CPU).")
     batch_size: int = Field(16, ge=1, description="Candidates per durable batch (each scored against every anchor).")
 
 

@@ -21,6 +21,11 @@ METHODS: dict[str, str] = {
     "instructmining": "sft_select.flows.instructmining:instructmining",
     "diverseevol": "sft_select.flows.diverseevol:diverseevol",
     "instructiongpt4": "sft_select.flows.instructiongpt4:instructiongpt4",
+    "lift": "sft_select.flows.lift:lift",
+    "tree_instruct": "sft_select.flows.tree_instruct:tree_instruct",
+    "wavecoder": "sft_select.flows.wavecoder:wavecoder",
+    "mods": "sft_select.flows.mods:mods",
+    "instag": "sft_select.flows.instag:instag",
     "deita": "sft_select.flows.deita:deita",
 }
 # the survey's four families, and the baselines
@@ -28,8 +33,10 @@ FAMILIES: dict[str, str] = {
     "random": "baseline", "longest": "baseline",
     "dq": "indicator-based", "instructmining": "indicator-based", "instructiongpt4": "indicator-based",
     "ifd": "trainable LLM", "nuggets": "trainable LLM", "active_it": "trainable LLM", "diverseevol": "trainable LLM",
-    "coreset": "small model",
+    "coreset": "small model", "mods": "small model",
     "alpagasus": "strong LLM",
+    "lift": "strong LLM", "tree_instruct": "strong LLM", "wavecoder": "strong LLM",
+    "instag": "strong LLM",
     "deita": "strong LLM",
 }
 # flows that are not selection methods, deployed too

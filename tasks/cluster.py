@@ -320,9 +320,12 @@ def _kmeans_inputs(signal: Signal, dataset: DatasetRef, k: int, seed: int = 0, n
 
 
 def _kcenter_inputs(signal: Signal, dataset: DatasetRef, m: int, seed_uids: list[str] | None = None,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, within: list[str] | None = None) -> dict[str, Any]:
     ordered = hashlib.sha256(canonical_json(seed_uids or []).encode()).hexdigest()[:32]  # seeds' order matters
-    return vector_inputs(signal, dataset, m=m, seed_uids=ordered, seed=seed)
+    inputs = vector_inputs(signal, dataset, m=m, seed_uids=ordered, seed=seed)
+    if within is not None:  # a subset of the pool: its content (the sorted uids), not its order
+        inputs["within"] = hashlib.sha256(canonical_json(sorted(set(within))).encode()).hexdigest()[:32]
+    return inputs
 
 
 def _kmeans_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -333,8 +336,11 @@ def _kcenter_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | N
     return derived_cache_key("kcenter", _kcenter_inputs(**parameters), version=VERSION, fmt="json")
 
 
-def dataset_vectors(signal: Signal, dataset: DatasetRef) -> tuple[list[str], np.ndarray, int]:
+def dataset_vectors(signal: Signal, dataset: DatasetRef,
+                    within: list[str] | None = None) -> tuple[list[str], np.ndarray, int]:
     wanted = dataset.read(["uid"])["uid"].sort()  # content order, not file order
+    if within is not None:
+        wanted = wanted.filter(wanted.is_in(list(set(within))))
     uids, x = load_vectors(signal, wanted)
     if not uids:
         raise ValueError(f"no vectors of {signal.id} for {dataset.name}@{dataset.version}: fill the signal first")
@@ -367,20 +373,21 @@ def cluster_kmeans(signal: Signal, dataset: DatasetRef, k: int, seed: int = 0, n
 
 @task(name="kcenter-greedy", cache_key_fn=_kcenter_key, persist_result=True, result_serializer="json")
 def select_kcenter(signal: Signal, dataset: DatasetRef, m: int, seed_uids: list[str] | None = None,
-                   seed: int = 0) -> KCenter:
+                   seed: int = 0, within: list[str] | None = None) -> KCenter:
     """k-center greedy over the dataset's ``signal`` vectors, from ``seed_uids`` (those without a
-    vector are skipped) or one seeded-random example, until ``m`` are chosen."""
+    vector are skipped) or one seeded-random example, until ``m`` are chosen. ``within`` restricts
+    the pool to those uids (e.g. the examples a method's filter let through)."""
 
     def compute() -> dict[str, Any]:
-        uids, x, missing = dataset_vectors(signal, dataset)
+        uids, x, missing = dataset_vectors(signal, dataset, within)
         row = {u: i for i, u in enumerate(uids)}
         seeds = list(dict.fromkeys(row[u] for u in (seed_uids or []) if u in row))
         order, radius, distances = kcenter_greedy(x, min(m, len(uids)), seeds or None, seed, return_distances=True)
         return {"uids": [uids[i] for i in order], "distances": [None if np.isnan(d) else float(d) for d in distances],
                 "seeds": len(seeds), "radius": radius, "missing": missing}
 
-    found = get_store().derived.get_or_compute("kcenter", _kcenter_inputs(signal, dataset, m, seed_uids, seed),
-                                               compute, version=VERSION, fmt="json")
+    inputs = _kcenter_inputs(signal, dataset, m, seed_uids, seed, within)
+    found = get_store().derived.get_or_compute("kcenter", inputs, compute, version=VERSION, fmt="json")
     return KCenter(signal_id=signal.id, fingerprint=dataset.fingerprint, **found.read())
 
 

@@ -2,10 +2,11 @@
 vector).
 
 ``field`` picks the text: ``prompt`` (every turn before the last answer: the instruction and its
-input), ``output`` (the last answer), ``full`` (prompt, a blank line, answer) or ``chat`` (the
-whole conversation in the causal LM's own chat template, so that the last token closes the last
-turn, as DEITA embeds conversations; plain ``full`` text for a model without a template; causal-LM
-poolings only). ``pooling`` picks the model kind:
+input), ``instruction`` (the instruction alone, without its input: MoDS), ``output`` (the last
+answer), ``full`` (prompt, a blank line, answer) or ``chat`` (the whole conversation in the causal
+LM's own chat template, so that the last token closes the last turn, as DEITA embeds conversations;
+plain ``full`` text for a model without a template; causal-LM poolings only). ``pooling`` picks the
+model kind:
 
 - ``sentence``: a sentence encoder (:mod:`~sft_select.tasks.backends.encoders`, all-MiniLM-L6-v2 by
   default); rows are L2-normalised.
@@ -35,7 +36,7 @@ from sft_select.tasks.finetune import FINISHED, FinetunedRef, finetuned_dir
 from sft_select.tasks.signal_task import get_store, signal_task
 from sft_select.tasks.lm_loss import by_length
 
-Field = Literal["prompt", "output", "full", "chat"]
+Field = Literal["prompt", "instruction", "output", "full", "chat"]
 Pooling = Literal["sentence", "mean", "last"]
 VERSION = "1"
 
@@ -60,12 +61,14 @@ def texts_of(examples: pl.DataFrame, field: Field) -> list[str]:
     """The text of each example that ``field`` names."""
     if field == "output":
         return examples["output"].to_list()
+    if field == "instruction":
+        return examples["instruction"].to_list()
     prompts = [prompt_text({"messages": m}) for m in examples["messages"].to_list()]
     if field == "prompt":
         return prompts
     if field == "full":
         return [f"{p}\n\n{o}" if o else p for p, o in zip(prompts, examples["output"].to_list())]
-    raise ValueError(f"unknown field {field!r}: prompt, output or full")
+    raise ValueError(f"unknown field {field!r}: prompt, instruction, output or full")
 
 
 def build_embed(signal: Signal) -> Compute:

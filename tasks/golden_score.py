@@ -26,7 +26,7 @@ import polars as pl
 from sft_select.storage import BatchResult, Outcome, Signal, fingerprint
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.loss_engine import Encoded, answer_losses, encode_many, render
-from sft_select.tasks.backends.models import load_causal_lm, model_identity
+from sft_select.tasks.backends.models import load_scoring_lm, model_identity
 from sft_select.tasks.lm_loss import Precision
 
 NuggetsTemplate = Literal["alpaca", "none"]
@@ -96,7 +96,7 @@ def build_golden_score(signal: Signal, anchors: pl.DataFrame, token_budget: int 
     p = signal.params
     if fingerprint(anchors["uid"]) != p["anchors"]:
         raise ValueError("these anchors are not the ones the golden_score signal was defined with")
-    model, tokenizer = load_causal_lm(p["model"])
+    model, tokenizer = load_scoring_lm(p["model"], p["precision"])
     fmt, speed = {"template": p["template"], "max_length": p["max_length"]}, {
         "token_budget": token_budget, "bf16": p["precision"] == "bfloat16"}
     prepared = prepare_anchors(model, tokenizer, anchors.to_dicts(), template=p["template"],

@@ -276,6 +276,44 @@ def first_number(text: str, *, low: float, high: float) -> float:
     return value
 
 
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", flags=re.DOTALL)
+
+
+def parse_json_answer(text: str) -> Any:
+    """The JSON object or list a judge was asked to answer with, read from its raw text.
+
+    Models wrap JSON in other text, so this takes the whole answer if it is JSON, else the first
+    code fence (```json ... ```) that holds JSON, else the first object or list that parses when
+    decoding from a ``{`` or ``[`` (leading and trailing prose are fine). After a failed decode the
+    scan resumes where the decoder stopped, never inside the broken JSON: a list cut off at
+    ``max_tokens`` is an error, not its first complete item. Raises ``ValueError`` saying why: an
+    empty answer, no object or list at all (a refusal, say), or JSON that does not parse (cut off,
+    single quotes, ...) with the decoder's message and the answer's start. Never returns a default."""
+    stripped = (text or "").strip()
+    if not stripped:
+        raise ValueError("empty answer: no JSON")
+    for candidate in [stripped, *(b.strip() for b in _FENCE.findall(stripped))]:
+        try:
+            value = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict | list):
+            return value
+    decoder, error, resume = json.JSONDecoder(), None, 0
+    for i, ch in enumerate(stripped):
+        if ch not in "{[" or i < resume:
+            continue
+        try:
+            return decoder.raw_decode(stripped, i)[0]
+        except json.JSONDecodeError as e:
+            error = error or e
+            resume = max(e.pos, i + 1)
+    snippet = stripped[:80] + ("..." if len(stripped) > 80 else "")
+    if error is None:
+        raise ValueError(f"no JSON object or list in the answer: {snippet!r}")
+    raise ValueError(f"JSON does not parse ({error.msg}, character {error.pos}): {snippet!r}")
+
+
 def expected_score(top_logprobs: Mapping[str, float], scores: Iterable[int] = range(1, 7)) -> float:
     """DEITA's expected score (Liu et al. 2023): with p(k) the probability of the token "k" at the
     first generated position, renormalised over the score tokens, ``sum_k k * p(k)``. Tokens that
@@ -313,5 +351,5 @@ parse_expected_score = expected_score_parser()
 
 __all__ = ["PROMPTS", "Prompt", "chat_signal", "conversation_uid", "estimate_llm", "expected_score",
            "expected_score_parser", "first_number", "llm_batch", "llm_batch_of", "llm_signal", "parse_expected_score",
-           "prompt_of", "reparse", "reparse_newest", "score_exchanges_with_llm", "score_with_llm", "service_failure",
-           "stored_chat"]
+           "parse_json_answer", "prompt_of", "reparse", "reparse_newest", "score_exchanges_with_llm", "score_with_llm",
+           "service_failure", "stored_chat"]

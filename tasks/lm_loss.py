@@ -31,10 +31,10 @@ from sft_select.settings import settings
 from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.loss_engine import Template, answer_losses, encode_many, example_losses, render
-from sft_select.tasks.backends.models import load_causal_lm, model_identity
+from sft_select.tasks.backends.models import load_scoring_lm, model_identity
 from sft_select.tasks.signal_task import signal_task
 
-Precision = Literal["float32", "bfloat16"]
+Precision = Literal["float32", "bfloat16", "int8"]
 VERSION = "1"
 # s(A) with template "none" no longer starts from the tokenizer's BOS (a chat role token for SmolLM2):
 # its first answer token is unscored, as Superfiltering's code does; values differ, hence version 2
@@ -44,8 +44,10 @@ UNCONDITIONED_NONE_VERSION = "2"
 def lm_loss_signal(model: str | None = None, *, conditioned: bool = True, template: Template = "chat",
                    max_length: int = 2048, precision: Precision = "float32") -> Signal:
     """The ``lm_loss`` signal for these parameters (``model`` defaults to ``settings().local_llm``).
-    ``precision="bfloat16"`` runs under bf16 autocast: faster on recent CPUs and GPUs, values
-    differ from float32 in the third digit, hence a different signal."""
+    ``precision="bfloat16"`` runs under bf16 autocast (fast where the CPU or GPU has bf16 units);
+    ``"int8"`` dynamically quantises the linear layers (CPU; see ``load_scoring_lm``). Values differ
+    from float32 in the third digit, hence a different signal; docs/results.md validates each
+    against float32."""
     return Signal("lm_loss", {"model": model_identity(model or settings().local_llm), "conditioned": conditioned,
                               "template": template, "max_length": max_length, "precision": precision},
                   version=VERSION if conditioned or template != "none" else UNCONDITIONED_NONE_VERSION, kind="float")
@@ -61,7 +63,7 @@ def by_length(examples: pl.DataFrame) -> pl.DataFrame:
 def build_lm_loss(signal: Signal, token_budget: int = 8192) -> Compute:
     """The batch function of an ``lm_loss`` signal: loads the model once, then scores batches."""
     p = signal.params
-    model, tokenizer = load_causal_lm(p["model"])
+    model, tokenizer = load_scoring_lm(p["model"], p["precision"])
 
     def compute(batch: pl.DataFrame) -> BatchResult:
         results = example_losses(model, tokenizer, batch.select("messages", "instruction", "input").to_dicts(),
@@ -96,7 +98,7 @@ def build_prompt_loss(signal: Signal, token_budget: int = 8192) -> Compute:
     """The batch function of a ``prompt_loss`` signal: the loss engine with the prompt as the
     scored text and an empty context."""
     p = signal.params
-    model, tokenizer = load_causal_lm(p["model"])
+    model, tokenizer = load_scoring_lm(p["model"], p["precision"])
     special = p["template"] != "chat"  # a chat template writes its own BOS
 
     def compute(batch: pl.DataFrame) -> BatchResult:

@@ -28,7 +28,7 @@ from sft_select.storage import BatchResult, Outcome, Signal
 from sft_select.storage.signals import Compute
 from sft_select.tasks.backends.loss_engine import Template, example_losses
 from sft_select.tasks.backends.chat import get_llm
-from sft_select.tasks.backends.models import load_causal_lm, model_identity
+from sft_select.tasks.backends.models import load_scoring_lm, model_identity
 from sft_select.tasks.signal_task import signal_task
 from sft_select.tasks.lm_loss import Precision, by_length
 
@@ -97,7 +97,7 @@ def build_prompt_uncertainty(signal: Signal, token_budget: int = 8192) -> Comput
     example's original and perturbed prompts scored in one batched pass of the loss engine.
     Identical prompts are scored once, so an unchanged perturbation gives exactly 0."""
     p = signal.params
-    model, tokenizer = load_causal_lm(p["model"])
+    model, tokenizer = load_scoring_lm(p["model"], p["precision"])
     chat = get_llm(f"local:{p['model']}") if p["target"] == "prediction" else None
 
     def compute(batch: pl.DataFrame) -> BatchResult:

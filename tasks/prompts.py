@@ -8,20 +8,28 @@ so a change of wording never reuses ratings made with the old one.
 - AlpaGasus (Chen et al. 2023): accuracy or helpfulness 0-5, as text on the first line or as the
   expected score over the digit tokens (:data:`ALPAGASUS`).
 - Judge-scored indicators of InstructMining and InstructionGPT-4 (:data:`INDICATORS`).
+- InsTag (Lu et al. 2023): the query's intention tags with explanations, as JSON (:data:`INSTAG`).
 - DEITA (Liu et al. 2023): the complexity of a query and the quality of a response, each the
   expected score over "1".."6" at the first generated position, in our wording or in the input
   format of the released DEITA scorer models (:data:`DEITA`).
 - Evaluation judges: pairwise preference against a reference answer (AlpacaEval's setting, both
   orders) and MT-Bench single-answer grading (:data:`PAIRWISE`, :data:`MT_BENCH`); their
   conversations are rendered with :meth:`Prompt.conversation` over their own fields.
+- LIFT (Xu et al. 2023): accuracy, explanation, clarity and difficulty (35/25/15/25 points), one a
+  line, or each as an expected digit (:data:`LIFT_QUALITY`, :data:`LIFT_EXPECTED`).
+- Tree-Instruct (Zhao et al. 2023): the instruction's semantic tree and its node count on the last
+  line (:data:`TREE_INSTRUCT_NODES`).
+- WaveCoder (Yu et al. 2023): the discriminator's yes/no checklist, every answer kept
+  (:data:`WAVECODER_CHECKLIST`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Literal
 
-from sft_select.tasks.judge import Prompt, expected_score_parser, first_number
+from sft_select.tasks.judge import Prompt, expected_score_parser, first_number, parse_json_answer
 
 # -- AlpaGasus -------------------------------------------------------------------------------------------
 
@@ -89,6 +97,54 @@ INDICATORS: dict[str, Prompt] = {
         "How understandable is the response: can a reader grasp what it says without effort? "
         "Give a score from 1 (not at all) to 5 (completely).", 1, 5, _UNIEVAL.format("understandability")),
 }
+
+# -- InsTag ---------------------------------------------------------------------------------------------
+
+_INSTAG_RUBRIC = ("Lu et al. 2023, #InsTag, open-set tagging prompt (the user query's intention tags, each with an "
+                  "explanation, as JSON tag/explanation objects)")
+
+
+def parse_intent_tags(raw: str) -> str:
+    """InsTag's tagging answer: a JSON list of ``{"tag": ..., "explanation": ...}`` objects (also one such
+    object, a bare tag string in the list, or the list under a "tags" key), read with
+    :func:`~sft_select.tasks.judge.parse_json_answer`. Returns the canonical JSON list of
+    ``{"tag", "explanation"}`` (explanation null where none was given), tags stripped and each kept once.
+    Raises ``ValueError`` when no tag can be read: no JSON, an item without a non-empty string "tag",
+    or an empty list (every query has at least one intention)."""
+    value = parse_json_answer(raw)
+    if isinstance(value, dict):
+        value = value["tags"] if isinstance(value.get("tags"), list) else [value]
+    tags: dict[str, str | None] = {}
+    for i, item in enumerate(value):
+        tag, explanation = (item, None) if isinstance(item, str) else (
+            (item.get("tag"), item.get("explanation")) if isinstance(item, dict) else (None, None))
+        if not isinstance(tag, str) or not tag.strip():
+            raise ValueError(f"item {i + 1} has no tag (a non-empty string under \"tag\"): {json.dumps(item)[:80]}")
+        tags.setdefault(tag.strip(), explanation if isinstance(explanation, str) else None)
+    if not tags:
+        raise ValueError("the answer lists no tags")
+    return json.dumps([{"tag": t, "explanation": e} for t, e in tags.items()], ensure_ascii=False)
+
+
+INSTAG = Prompt(
+    name="instag_tags", version="1", parse=parse_intent_tags, kind="json", max_tokens=512, rubric=_INSTAG_RUBRIC,
+    system="You annotate the user queries of an instruction-tuning dataset with tags. You answer with JSON only.",
+    template="""Tag the intentions of the user in a query: what the user asks for, the tasks and skills the answer \
+needs, the subject, and any constraints on the answer (format, length, language, style). Each tag is a few words, \
+with a one-sentence explanation. Use as many tags as the query needs. Answer with a JSON list of \
+{{"tag": str, "explanation": str}} objects and nothing else.
+
+Example query:
+Give me three tips for staying focused while studying, as a numbered list.
+
+Example answer:
+[{{"tag": "advice", "explanation": "The user asks for tips."}}, {{"tag": "study skills", "explanation": "The tips \
+are about studying."}}, {{"tag": "list format", "explanation": "The answer must be a numbered list of three items."}}]
+
+Query:
+{prompt}
+
+Answer:""")
 
 # -- DEITA ---------------------------------------------------------------------------------------------
 
@@ -196,6 +252,157 @@ however well it is written.
 [End of reference answer]
 """
 MT_REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
+
+# -- LIFT (Xu et al. 2023) --------------------------------------------------------------------------------
+
+LIFT_POINTS: dict[str, int] = {"accuracy": 35, "explanation": 25, "clarity": 15, "difficulty": 25}
+"""LIFT's quality rubric: each criterion's share of the 100 points (the authors' GPT-4 prompt)."""
+_LIFT_QUESTIONS = {
+    "accuracy": "is the response correct, and does it actually solve the problem the instruction poses?",
+    "explanation": "does the response explain its answer (and any code it gives) in enough detail to learn from?",
+    "clarity": "does the instruction state its problem clearly and precisely?",
+    "difficulty": "how hard is the problem the instruction poses? A harder problem scores higher.",
+}
+_LIFT_SYSTEM = ("You assess instruction-tuning data. You are shown a task given to an AI assistant (an "
+                "instruction, sometimes with an input) and the response it wrote, and you score the example.")
+_LIFT_RUBRIC = ("Xu et al. 2023, LIFT, quality curation: GPT-4 scores accuracy (35), explanations (25), clarity (15) "
+                "and difficulty (25), 100 in all")
+
+
+def parse_lift_parts(raw: str) -> dict[str, float]:
+    """The four LIFT criteria from lines such as ``Accuracy: 30`` (``**Clarity**: 12/15`` allowed),
+    each within its points; every criterion must be there."""
+    parts: dict[str, float] = {}
+    for line in raw.splitlines():
+        m = re.match(r"^[\s*#>_`-]*(accuracy|explanations?|clarity|difficulty)[\s*_`]*(?:\([^)]*\))?\s*[:=]\s*[*_`]*"
+                     r"(\d+(?:\.\d+)?)", line, flags=re.IGNORECASE)
+        if m is not None:
+            parts.setdefault(m.group(1).lower().rstrip("s"), float(m.group(2)))
+    missing = [c for c in LIFT_POINTS if c not in parts]
+    if missing:
+        raise ValueError(f"no score for {', '.join(missing)} in {raw.strip()[:80]!r}")
+    for criterion, value in parts.items():
+        if not 0 <= value <= LIFT_POINTS[criterion]:
+            raise ValueError(f"{criterion} {value:g} outside [0, {LIFT_POINTS[criterion]}]")
+    return {c: parts[c] for c in LIFT_POINTS}
+
+
+def _lift_parts_json(raw: str) -> str:
+    return json.dumps(parse_lift_parts(raw), sort_keys=True)
+
+
+LIFT_QUALITY = Prompt(
+    name="lift_quality", version="1", system=_LIFT_SYSTEM, parse=_lift_parts_json, kind="json", max_tokens=64,
+    rubric=_LIFT_RUBRIC + "; each part on its own line",
+    template=_PAIR + "Score this example on four criteria, 100 points in all:\n"
+    + "".join(f"- {c.capitalize()} (0-{p}): {_LIFT_QUESTIONS[c]}\n" for c, p in LIFT_POINTS.items())
+    + "Be strict: a full score should be rare. Answer with exactly these four lines, a number after each colon, "
+      "and nothing else:\n" + "".join(f"{c.capitalize()}: <0-{p}>\n" for c, p in LIFT_POINTS.items()))
+"""LIFT's judge, text form: the four part scores, one a line (the signal keeps all four as JSON)."""
+
+LIFT_EXPECTED: dict[str, Prompt] = {
+    c: Prompt(name=f"lift_{c}_expected", version="1", system=_LIFT_SYSTEM, max_tokens=1, top_logprobs=20,
+              parse=expected_score_parser(range(0, 10)), rubric=_LIFT_RUBRIC + f"; {c} alone, the digit's distribution",
+              template=_PAIR + f"Rate only the {c} of this example: {_LIFT_QUESTIONS[c]} Use a scale from 0 (not at "
+              "all) to 9 (fully). Reply with the digit only.")
+    for c in LIFT_POINTS
+}
+"""LIFT's judge, expected form: one call per criterion, the expected digit over "0".."9" (scaled to the
+criterion's points by the flow)."""
+
+# -- Tree-Instruct (Zhao et al. 2023) ---------------------------------------------------------------------
+
+
+def parse_node_count(raw: str) -> float:
+    """Tree-Instruct's complexity: the node count on the LAST non-empty line of the answer (a bare
+    number, or "Nodes: 7", "Total number of nodes = **7**", "The number of nodes is 7."; a tree line
+    such as "node 7" is not a count); anything else there is a parse failure."""
+    lines = [ln for ln in raw.strip().splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    m = re.match(r"^[\s*#>_`\"'-]*(?:(?:the\s+)?(?:total\s+)?(?:number\s+of\s+nodes|node\s+count|nodes?|count)"
+                 r"(?:\s+in\s+the\s+tree)?[\s*_`]*(?:is|[:=])\s*)?[*_`\"']*(\d+)[*_`\"'.]*\s*$", line,
+                 flags=re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"no node count on the last line: {line[:80]!r}")
+    count = int(m.group(1))
+    if count < 1:
+        raise ValueError(f"node count {count} is not positive")
+    return float(count)
+
+
+TREE_INSTRUCT_NODES = Prompt(
+    name="tree_instruct_nodes", version="1", parse=parse_node_count, max_tokens=384,
+    rubric="Zhao et al. 2023, Tree-Instruct: the instruction parsed into a semantic tree; its node count is the "
+           "instruction's complexity",
+    system="You analyse the structure of instructions given to AI assistants.",
+    template="""Parse the instruction below into a semantic tree, as in semantic parsing: the root is the main \
+action the instruction asks for, and every object, attribute, constraint and sub-task it names is a node under \
+the node it belongs to. Write the tree with one node a line, indented by depth. Then count the nodes of the \
+tree, the root included, and write that count as a bare number on the last line, with nothing after it.
+
+Instruction: "{instruction}"
+""")
+
+# -- WaveCoder (Yu et al. 2023) ---------------------------------------------------------------------------
+
+WAVECODER_CHECKS: dict[str, str] = {
+    "language": "the instruction states which programming language to use.",
+    "relevant": "the solution addresses the instruction and the information: it is a concrete resolution of them.",
+    "code_only": "the solution holds only code, with comments inside the code, and no explanation outside it.",
+    "logic": "the solution's logic is complete and easy to follow: no steps are missing, and the algorithm is not "
+             "buried in complex or poorly documented functions.",
+    "imports": "the code imports every library it needs.",
+    "overall": "every requirement above is met.",
+}
+"""WaveCoder's discriminator checklist, in its order: label -> requirement."""
+
+
+def parse_checklist(raw: str) -> str:
+    """Every answer of the WaveCoder checklist, from lines "label: yes|no - reason" (numbering,
+    markdown and a space for the underscore allowed), as JSON ``{label: true|false}``; a label
+    without a yes or no is a parse failure."""
+    answers: dict[str, bool] = {}
+    for label in WAVECODER_CHECKS:
+        pattern = label.replace("_", r"[\s_-]?")
+        m = re.search(rf"^[\s*#>_`-]*(?:\d+[.)]\s*)?[*_`]*{pattern}[*_`]*\s*[:=-]\s*[*_`]*(yes|no)\b", raw,
+                      flags=re.IGNORECASE | re.MULTILINE)
+        if m is None:
+            missing = [k for k in WAVECODER_CHECKS if k not in answers and k != label]
+            raise ValueError(f"no yes/no for {label!r} in {raw.strip()[:80]!r}" + (
+                f" (nor checked yet: {', '.join(missing)})" if missing else ""))
+        answers[label] = m.group(1).lower() == "yes"
+    return json.dumps(answers)
+
+
+WAVECODER_CHECKLIST = Prompt(
+    name="wavecoder_checklist", version="1", parse=parse_checklist, kind="json", max_tokens=256,
+    rubric="Yu et al. 2023, WaveCoder, LLM discriminator: a yes/no checklist (language stated, solution matches the "
+           "instruction, only code and comments, no missing logic, imports present, overall)",
+    system="You are a strict reviewer of instruction data for training code assistants.",
+    template="""Below is one training example: an instruction, optional information (its input) and the solution \
+written for it.
+
+### Instruction:
+{instruction}
+
+### Information:
+{input_or_none}
+
+### Solution:
+{output}
+
+Check the example against each requirement and answer yes or no:
+""" + "".join(f"- {label}: {text}\n" for label, text in WAVECODER_CHECKS.items()) + """
+Answer with exactly six lines, one per requirement in this order, each the label, a colon, yes or no, and a \
+short reason, for example:
+language: no - the instruction does not name a language
+""")
+
+__all__ = ["ALPAGASUS", "INDICATORS", "LIFT_EXPECTED", "LIFT_POINTS", "LIFT_QUALITY", "MT_BENCH", "MT_REFERENCE",
+           "MT_REFERENCE_CATEGORIES", "PAIRWISE", "TREE_INSTRUCT_NODES", "WAVECODER_CHECKLIST", "WAVECODER_CHECKS",
+           "parse_checklist", "parse_lift_parts", "parse_node_count", "parse_rating", "parse_winner"]
+__all__ = ["ALPAGASUS", "INDICATORS", "INSTAG", "MT_BENCH", "MT_REFERENCE", "MT_REFERENCE_CATEGORIES", "PAIRWISE",
+           "parse_intent_tags", "parse_rating", "parse_winner"]
 
 __all__ = ["ALPAGASUS", "DEITA", "INDICATORS", "MT_BENCH", "MT_REFERENCE", "MT_REFERENCE_CATEGORIES", "PAIRWISE",
            "parse_rating", "parse_winner"]

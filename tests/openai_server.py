@@ -136,17 +136,19 @@ class OpenAIServer:
 
 
 @contextmanager
-def serving(answer: Answer, monkeypatch: Any, api_key: str = "sk-test") -> Iterator[OpenAIServer]:
-    """An :class:`OpenAIServer` that the project's settings point at (``OPENAI_BASE_URL``,
-    ``OPENAI_API_KEY``) while it runs."""
+def serving(answer: Answer, monkeypatch, **options: Any) -> Iterator[OpenAIServer]:
+    """An :class:`OpenAIServer` that the project's OpenAI backend talks to for one test
+    (``OPENAI_BASE_URL`` and a test key set with ``monkeypatch``; the settings re-read)."""
     from sft_select.settings import settings
 
-    with OpenAIServer(answer) as server:
+    with OpenAIServer(answer, **options) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.url)
-        monkeypatch.setenv("OPENAI_API_KEY", api_key)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-judge")
         settings.cache_clear()
-        yield server
-    settings.cache_clear()
+        try:
+            yield server
+        finally:
+            settings.cache_clear()
 
 
 def _error(message: str, kind: str) -> dict[str, Any]:

@@ -163,6 +163,10 @@ def test_get_llm_specs(openai_env):
     assert get_llm("openai:some-model") is get_llm("openai:some-model@127.0.0.1:9/v1")
     assert get_llm("openai").name == f"openai:{settings().openai_model}@127.0.0.1:9/v1"
     assert get_llm("local").name == "local:smollm2-135m-instruct"
+    # a precision other than float32 is part of the local judge's name, so its ratings are a signal of their own
+    int8 = get_llm("local@int8")
+    assert int8.name == "local:smollm2-135m-instruct@int8" and int8.precision == "int8"
+    assert get_llm(int8.name) is int8 and get_llm("local:smollm2-135m-instruct") is get_llm("local")
     with pytest.raises(ValueError, match="unknown LLM backend"):
         get_llm("vllm:x")
 

@@ -197,3 +197,25 @@ def test_smollm2_loss_equals_a_hand_computation():
     got, = lm.example_losses(model, tok, [ALPACA], template="chat")
     assert got.loss == pytest.approx(hand_loss(model, full, len(ctx_ids)), abs=1e-4)
     assert 0.1 < got.loss < 10
+
+
+def test_int8_is_a_quantised_copy_and_a_signal_of_its_own(tiny_path, tiny):
+    from sft_select.tasks.backends.models import load_scoring_lm
+
+    model, tok = tiny
+    quantised, _ = load_scoring_lm(tiny_path, "int8")
+    assert quantised is not model and load_scoring_lm(tiny_path, "float32")[0] is model
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    # every linear layer, the output layer too, is quantised (7 a layer, 2 layers, the output layer)
+    assert sum(isinstance(m, DynamicQuantizedLinear) for m in quantised.modules()) == 15
+    assert not any(type(m) is torch.nn.Linear for m in quantised.modules())
+    assert all(type(m).__name__ == "Linear" for m in model.modules() if "Linear" in type(m).__name__)  # untouched
+    rows = [ALPACA, CHAT]
+    full = [r.loss for r in lm.example_losses(model, tok, rows)]
+    low = [r.loss for r in lm.example_losses(quantised, tok, rows)]
+    assert low != full and np.allclose(low, full, rtol=0.05)  # close, not equal: hence its own signal
+    ids = {lm_loss_signal(tiny_path, precision=p).id for p in ("float32", "bfloat16", "int8")}
+    assert len(ids) == 3
+    with pytest.raises(ValueError, match="unknown precision"):
+        load_scoring_lm(tiny_path, "int4")

@@ -444,26 +444,35 @@ class OpenAIChat(LLM):
 
 class LocalChat(LLM):
     """A local causal LM with its chat template: greedy generation at temperature 0 (sampling
-    otherwise), batches of ``batch_size`` conversations of similar length, left padding.
+    otherwise), left padding, conversations batched by length with the loss engine's
+    :func:`~sft_select.tasks.backends.loss_engine.length_batches`: at most ``batch_size``
+    conversations and ``token_budget`` padded positions (prompt + new tokens) a batch, so short
+    prompts decode many at a time (each decoding step reads every weight once, whatever the
+    batch) and long ones do not run out of memory.
 
     Top log-probs are the log-softmax of the model's raw logits at each generated position (before
     any sampling transform), so they are the model's own distribution."""
 
-    def __init__(self, model: str = "smollm2-135m-instruct", *, batch_size: int = 8, dtype: str = "float32"):
+    def __init__(self, model: str = "smollm2-135m-instruct", *, batch_size: int = 32, token_budget: int = 16384,
+                 precision: str = "float32"):
         super().__init__()
         self.model_name = model
         from sft_select.tasks.backends.models import model_identity
 
-        self.name = f"local:{model_identity(model)}"  # a folder by its content, never its path
+        # a folder by its content, never its path; a precision other than float32 is part of the name
+        # (``local:<model>@int8``), so its ratings are a signal of their own
+        self.name = f"local:{model_identity(model)}" + ("" if precision == "float32" else f"@{precision}")
         self.batch_size = batch_size
-        self.dtype = dtype
+        self.token_budget = token_budget
+        self.precision = precision
         self._lock = threading.Lock()
 
     def _chat(self, conversations: list[Conversation], *, temperature: float, max_tokens: int,
               top_logprobs: int | None, label_tokens: tuple[str, ...] = ()) -> list[ChatResult]:
-        from sft_select.tasks.backends.models import load_causal_lm
+        from sft_select.tasks.backends.loss_engine import length_batches
+        from sft_select.tasks.backends.models import load_scoring_lm
 
-        model, tokenizer = load_causal_lm(self.model_name, self.dtype)
+        model, tokenizer = load_scoring_lm(self.model_name, self.precision)
         ids = [self.encode(tokenizer, c) for c in conversations]
         limit = getattr(model.config, "max_position_embeddings", None)
         results: list[ChatResult | None] = [None] * len(conversations)
@@ -474,17 +483,19 @@ class LocalChat(LLM):
                                               f"model's {limit} positions", prompt_tokens=len(seq))
             else:
                 order.append(i)
-        order.sort(key=lambda i: len(ids[i]))
+        batches = [[order[b] for b in batch] for batch in
+                   length_batches([len(ids[i]) + max_tokens for i in order], self.token_budget)]
         with self._lock:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                try:
-                    out = self._generate(model, tokenizer, [ids[i] for i in chunk], temperature, max_tokens,
-                                         top_logprobs, label_tokens)
-                except (RuntimeError, ValueError) as e:  # e.g. out of memory: this chunk fails, not the batch
-                    out = [ChatResult(error=f"{type(e).__name__}: {e}")] * len(chunk)
-                for i, r in zip(chunk, out):
-                    results[i] = r
+            for batch in batches:
+                for start in range(0, len(batch), self.batch_size):
+                    chunk = batch[start:start + self.batch_size]
+                    try:
+                        out = self._generate(model, tokenizer, [ids[i] for i in chunk], temperature, max_tokens,
+                                             top_logprobs, label_tokens, bf16=self.precision == "bfloat16")
+                    except (RuntimeError, ValueError) as e:  # e.g. out of memory: this chunk fails, not the batch
+                        out = [ChatResult(error=f"{type(e).__name__}: {e}")] * len(chunk)
+                    for i, r in zip(chunk, out):
+                        results[i] = r
         return [r for r in results if r is not None]
 
     @staticmethod
@@ -517,13 +528,13 @@ class LocalChat(LLM):
 
     @staticmethod
     def _generate(model, tokenizer, ids: list[list[int]], temperature: float, max_tokens: int,
-                  top_logprobs: int | None, label_tokens: tuple[str, ...] = ()) -> list[ChatResult]:
+                  top_logprobs: int | None, label_tokens: tuple[str, ...] = (), bf16: bool = False) -> list[ChatResult]:
         import torch
 
         enc = tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
         enc = {k: v.to(model.device) for k, v in enc.items()}
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
                                  return_dict_in_generate=True, output_logits=bool(top_logprobs), **sampling)
         width = enc["input_ids"].shape[1]
@@ -556,7 +567,8 @@ def get_llm(spec: str | None = None) -> LLM:
     """The backend named by ``spec`` (default: ``settings().llm_backend``), one per process:
 
     - ``"local"`` / ``"local:<embedded name or model folder>"``: :class:`LocalChat`
-      (``"local"`` means ``settings().local_llm``);
+      (``"local"`` means ``settings().local_llm``); ``@int8`` or ``@bfloat16`` after it picks the
+      precision (float32 otherwise);
     - ``"openai"`` / ``"openai:<model>"``: :class:`OpenAIChat` on ``OPENAI_BASE_URL`` with the
       concurrency, rate limits and timeout of the settings (``"openai"`` means ``settings().openai_model``).
 
@@ -566,8 +578,10 @@ def get_llm(spec: str | None = None) -> LLM:
     s = settings()
     spec = spec or s.llm_backend
     kind, _, model = spec.partition(":")
-    if kind == "local":
-        return _local(model or s.local_llm)
+    if kind.partition("@")[0] == "local":
+        target = model + kind.removeprefix("local")  # "local@int8" is "local:@int8"
+        model, _, precision = target.rpartition("@") if "@" in target else (target, "", "float32")
+        return _local(model or s.local_llm, precision)
     if kind == "openai":
         model, at, endpoint = model.rpartition("@") if "@" in model else (model, "", "")
         configured = s.openai_endpoint or endpoint_of(s.openai_base_url)
@@ -576,7 +590,8 @@ def get_llm(spec: str | None = None) -> LLM:
                              f"{configured!r} (set SFT_SELECT_OPENAI_ENDPOINT={endpoint} if it serves the same model)")
         return _openai(model or s.openai_model, s.openai_base_url, api_key(), s.openai_max_concurrency,
                        s.openai_rpm, s.openai_tpm, s.openai_timeout_s, s.openai_price_per_mtok, configured)
-    raise ValueError(f"unknown LLM backend {spec!r}: use 'local', 'local:<model>' or 'openai:<model>'")
+    raise ValueError(f"unknown LLM backend {spec!r}: use 'local', 'local:<model>' (either with '@int8' or "
+                     "'@bfloat16' after it) or 'openai:<model>'")
 
 
 def api_key() -> SecretStr | None:
@@ -595,8 +610,8 @@ def api_key() -> SecretStr | None:
 
 
 @lru_cache(maxsize=4)
-def _local(model: str) -> LocalChat:
-    return LocalChat(model)
+def _local(model: str, precision: str = "float32") -> LocalChat:
+    return LocalChat(model, precision=precision)
 
 
 @lru_cache(maxsize=8)

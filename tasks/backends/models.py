@@ -172,3 +172,30 @@ def load_causal_lm(name: str, dtype: str = "float32"):
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     return model, tokenizer
+
+
+@lru_cache(maxsize=2)
+def load_scoring_lm(name: str, precision: str = "float32"):
+    """(model, tokenizer) that score at ``precision``: "float32" and "bfloat16" share the float32
+    weights (bf16 runs under autocast, see the loss engine); "int8" is a copy whose linear layers
+    (the output layer too) are dynamically quantised: int8 weights per output channel, activations
+    quantised per batch, int32 accumulation (CPU only; PyTorch's ``quantize_dynamic``, deprecated
+    in favour of torchao but still in torch 2.13). Each precision is its own signal identity."""
+    model, tokenizer = load_causal_lm(name)
+    if precision in ("float32", "bfloat16"):
+        return model, tokenizer
+    if precision != "int8":
+        raise ValueError(f"unknown precision {precision!r}: float32, bfloat16 or int8")
+    import copy
+    import warnings
+
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if model.device.type != "cpu":
+        raise ValueError("int8 dynamic quantisation runs on the CPU only: use float32 or bfloat16 on a GPU")
+    with warnings.catch_warnings():  # the deprecation notice of the quantised tensor constructors
+        warnings.simplefilter("ignore", UserWarning)
+        quantised = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                     dtype=torch.qint8)
+    return quantised.eval(), tokenizer
