@@ -46,6 +46,7 @@ from pydantic import Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
 from sft_select.tasks.backends.chat import get_llm
+from sft_select.tasks.cluster import repr_filter
 from sft_select.tasks.embed import embed, embed_signal, load_vectors
 from sft_select.tasks.judge import llm_signal, score_with_llm
 from sft_select.tasks.prompts import LIFT_EXPECTED, LIFT_POINTS, LIFT_QUALITY
@@ -112,24 +113,15 @@ def combine(quality: np.ndarray, length_score: np.ndarray, weight: float = PAPER
 
 def drop_near_duplicates(vectors: np.ndarray, order: np.ndarray, m: int, tau: float | None) -> tuple[list[int], int]:
     """Walk ``order`` (row indices, best first) and keep a row unless its cosine similarity to a row
-    already kept exceeds ``tau`` (``None``: keep every row); stop at ``m`` kept. Returns the kept
-    rows and how many were skipped as near-duplicates."""
-    kept: list[int] = []
-    skipped = 0
-    if tau is None:
-        return [int(i) for i in order[:m]], 0
-    x = np.asarray(vectors, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    chosen = np.empty((min(m, len(order)), x.shape[1]))
-    for i in order:
-        if len(kept) >= m:
-            break
-        if kept and float((chosen[: len(kept)] @ x[i]).max()) > tau:
-            skipped += 1
-            continue
-        chosen[len(kept)] = x[i]
-        kept.append(int(i))
-    return kept, skipped
+    already kept exceeds ``tau`` (``None``: keep every row); stop at ``m`` kept: DEITA's repr filter
+    (:func:`~sft_select.tasks.cluster.repr_filter`). Returns the kept rows and how many were
+    skipped as near-duplicates on the way."""
+    order = np.asarray(order, dtype=np.int64)
+    if tau is None or m <= 0:
+        return [int(i) for i in order[:max(m, 0)]], 0
+    accepted, _ = repr_filter(vectors, order, m, tau)
+    walked = len(order) if len(accepted) < m else int(np.flatnonzero(order == accepted[-1])[0]) + 1
+    return [int(i) for i in accepted], walked - len(accepted)
 
 
 class LiftParams(MethodParams):
