@@ -158,7 +158,7 @@ def scripted(request) -> dict:
 
 @pytest.fixture
 def server(monkeypatch):
-    with serving(scripted, monkeypatch, "sk-test-deita") as server:
+    with serving(scripted, monkeypatch) as server:
         yield server
 
 
