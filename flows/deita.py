@@ -129,7 +129,9 @@ class DeitaParams(MethodParams):
     field: Literal["chat", "full", "prompt", "output"] | None = Field(
         None, description="What is embedded; empty: the whole conversation in the model's chat template ('chat') "
                           "for a causal LM, its plain text ('full') for a sentence encoder.")
-    max_tokens: int = Field(2048, ge=8, description="Texts are truncated to this many tokens before embedding.")
+    max_tokens: int | None = Field(
+        None, ge=8, description="Texts are truncated to this many tokens before embedding; empty: 2,048 for a causal "
+                                "LM (the authors'), 256 for a sentence encoder.")
     batch_size: int = Field(32, description="Exchanges per durable batch of scores.")
 
 
@@ -155,7 +157,8 @@ def deita(params: DeitaParams) -> SelectionRef:
     # 3. the repr filter: walk the ranking, skip what is too close to an example already chosen
     m = resolve_budget(params.budget, dataset.rows)
     field = params.field or ("full" if params.pooling == "sentence" else "chat")
-    embedding = embed_signal(params.encoder, field=field, max_tokens=params.max_tokens, pooling=params.pooling)
+    max_tokens = params.max_tokens or (256 if params.pooling == "sentence" else 2048)
+    embedding = embed_signal(params.encoder, field=field, max_tokens=max_tokens, pooling=params.pooling)
     embedded = embed(embedding, dataset)
     repr_rule = params.diversity == "repr"
     chosen = select_repr(embedding, dataset, ranked["uid"].to_list(), m,

@@ -209,7 +209,7 @@ def test_deita_reads_expected_scores_walks_the_repr_filter_and_reuses_everything
     # evol = c x q; the selection is the repr-filter walk of the evol ranking over the stored embeddings
     evol = {u: c[u] * q[u] for u in uids[:-1]}
     ranking = sorted(evol, key=lambda u: (-evol[u], u))
-    embedding = embed_signal(None, field="full", max_tokens=2048, pooling="sentence")
+    embedding = embed_signal(None, field="full", max_tokens=256, pooling="sentence")
     have, x = load_vectors(embedding, ranking)
     assert have == ranking
     selection = store.selections.read(ref.selection_id)
