@@ -110,7 +110,7 @@ def main() -> None:
                                                            examples.head(args.judge)))
         for spec in ("local", f"local@{args.precision}"):
             signal = llm_signal(ALPAGASUS["accuracy", "expected"], get_llm(spec))
-            timed(f"judge {spec}", signal, lambda s: llm_batch_of(s), head, 32)
+            timed(f"judge {spec}", signal, llm_batch_of, head, 32)
             rated[spec] = get_store().signals.values(signal, head.read(["uid"])["uid"], alias="v")
         results.append(compare(f"local judge (AlpaGasus expected), {args.precision} vs float32",
                                rated["local"], rated[f"local@{args.precision}"], largest=True))

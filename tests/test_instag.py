@@ -12,10 +12,9 @@ import random
 import numpy as np
 import polars as pl
 import pytest
-from openai_server import OpenAIServer, last_user
+from openai_server import last_user, serving
 
 from sft_select.flows.instag import InsTagParams, complexity_first_diverse_sampling, instag
-from sft_select.settings import settings
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
 from sft_select.tasks.judge import llm_signal, parse_json_answer
@@ -201,12 +200,8 @@ def tagger(request) -> str:
 
 @pytest.fixture
 def server(monkeypatch):
-    with OpenAIServer(tagger) as server:
-        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-instag")
-        settings.cache_clear()
+    with serving(tagger, monkeypatch) as server:
         yield server
-    settings.cache_clear()
 
 
 @pytest.mark.usefixtures("prefect_api")
