@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 WATCH_INTERVAL_S = 0.5
+GRACE_S = 3  # for the graceful shutdown after the parent is gone; then the server exits for good
 
 
 def _temporary_server_class() -> type:
@@ -132,7 +133,7 @@ def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(WATCH_INTERVAL_S)
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(10)
+    time.sleep(GRACE_S)
     os._exit(1)
 
 

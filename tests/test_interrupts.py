@@ -146,5 +146,6 @@ def test_killed_cli_leaves_no_server(drill):
     cli.wait(timeout=10)
     marker = f"PREFECT_HOME={env['PREFECT_HOME']}".encode()
     started = time.monotonic()
-    assert _wait_gone(marker, 5) == [], "the temporary server outlived a kill -9 of the CLI"
+    # the watchdog gives the server's graceful shutdown GRACE_S (3 s), then exits; a busy machine may add more
+    assert _wait_gone(marker, 15) == [], "the temporary server outlived a kill -9 of the CLI"
     print(f"kill -9: the temporary server was gone {time.monotonic() - started:.1f} s after the CLI")
