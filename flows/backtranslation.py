@@ -27,7 +27,8 @@ its texts are ClueWeb passages; here every fine-tune is fine-tune-seed-model (Lo
 both the instructions and the ratings, the rubric in our words to the paper's five levels, 256 tokens
 for a rating. The paper keeps A5 in both rounds (``keep_score=5``); it does not deduplicate; here exact
 and near duplicates of the seed (cosine > ``dedup_tau``) are dropped. The cost cap (``max_calls``,
-``max_tokens``) covers every model call of the run (generation and ratings), not the fine-tunes.
+``max_tokens``) covers every model call of the run (generation and ratings), not the fine-tunes. The
+backward model reads at most ``text_chars`` characters of a text (2,000), in training and generation.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class BacktranslationParams(MethodParams):
     backward: str | None = Field(None, description="LLM spec of a served backward model; empty: fine-tune M_yx here.")
     backward_prompted: bool | None = Field(None, description="Prompt the backward model with an instruction to "
                                                              "write the request (default: only when `backward` is set).")
+    text_chars: int | None = Field(2000, ge=1, description="Characters of a text the backward model reads, in "
+                                                           "training and in self-augmentation (the pair keeps it "
+                                                           "whole); empty: all.")
     seed_model: str | None = Field(None, description="LLM spec of a served M0 (the round-1 rater); empty: fine-tune "
                                                      "it here on the seed.")
     keep_score: int = Field(PAPER_KEEP_SCORE, ge=1, le=5, description="Keep pairs rated at least this (paper: 5).")
@@ -76,9 +80,10 @@ class BacktranslationParams(MethodParams):
     batch_size: int = Field(16, ge=1, description="Requests per durable batch.")
 
 
-def reversed_pairs(seed: pl.DataFrame) -> pl.DataFrame:
-    """The seed pairs backwards, (output -> instruction [+ input]): M_yx's training data."""
-    return frame([make_example([{"role": "user", "content": r["output"]},
+def reversed_pairs(seed: pl.DataFrame, text_chars: int | None = None) -> pl.DataFrame:
+    """The seed pairs backwards, (output -> instruction [+ input]): M_yx's training data; the output cut to
+    ``text_chars`` characters (so that a long answer leaves room for the instruction to learn)."""
+    return frame([make_example([{"role": "user", "content": r["output"][:text_chars]},
                                 {"role": "assistant", "content": user_text(r["instruction"], r["input"])}],
                                source="backward")
                   for r in seed.iter_rows(named=True) if r["output"] and r["instruction"]])
@@ -128,11 +133,11 @@ def backtranslation(params: BacktranslationParams) -> SelectionRef:
         backward = params.backward
         prompted = True if params.backward_prompted is None else params.backward_prompted
     else:
-        backward, prompted = trained(reversed_pairs(seed), params.base, params.recipe), bool(params.backward_prompted)
+        backward, prompted = trained(reversed_pairs(seed, params.text_chars), params.base, params.recipe), bool(params.backward_prompted)
     prompt = HUMPBACK_BACKWARD_PROMPTED if prompted else HUMPBACK_BACKWARD
 
     # 2. self-augmentation: an instruction for every text
-    reqs = requests([{"text": t} for t in texts], [[text_id(t)] for t in texts], [{"output": t} for t in texts])
+    reqs = requests([{"text": t[: params.text_chars]} for t in texts], [[text_id(t)] for t in texts], [{"output": t} for t in texts])
     augmented: Generation = generate(reqs, prompt, backward, method="backtranslation", round=1, pool=seed,
                                      dedup_tau=params.dedup_tau, encoder=params.encoder, cap=cap,
                                      batch_size=params.batch_size)

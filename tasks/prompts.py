@@ -482,12 +482,14 @@ Explain your reasoning briefly, then write the score on the last line as "Score:
 
 # -- TEGIT (Chen et al. 2023c) ------------------------------------------------------------------------------
 
-_SECTION = re.compile(r"^[\s*#>_`-]*(instruction|input|output)[*_`]*\s*:[*_`]*[ \t]*", flags=re.IGNORECASE | re.MULTILINE)
+_SECTION = re.compile(r"^[\s*#>_`-]*(?:the\s+)?(instruction|input|output)(?:\s+is)?[*_`]*\s*:[*_`]*[ \t]*",
+                      flags=re.IGNORECASE | re.MULTILINE)
 
 
 def parse_task(raw: str) -> str:
     """A TEGIT task from "Instruction: ... / Input: ... / Output: ..." sections (each header at the start
-    of a line, markdown allowed; a section runs to the next header), as JSON ``{instruction, input,
+    of a line, markdown and "The instruction is:" allowed, as small models write it; a section runs to the
+    next header), as JSON ``{instruction, input,
     output}``. Instruction and output must not be empty; an input of "none" (or "(none)", "n/a") is empty."""
     heads = list(_SECTION.finditer(raw))
     parts: dict[str, str] = {}
