@@ -408,7 +408,7 @@ language: no - the instruction does not name a language
 def _one_text(raw: str, label: str) -> str:
     text = re.sub(rf"^\s*[*_#]*\s*{label}\s*[*_]*\s*:\s*", "", raw.strip(), flags=re.IGNORECASE).strip()
     if not text:
-        raise ValueError(f"empty {label.lower()}")
+        raise ValueError(f"empty {re.sub(r'[^a-z|]', '', label.lower()).split('|')[0]}")
     return text
 
 
@@ -486,23 +486,30 @@ _SECTION = re.compile(r"^[\s*#>_`-]*(?:the\s+)?(instruction|input|output)(?:\s+i
                       flags=re.IGNORECASE | re.MULTILINE)
 
 
+def _sections(raw: str, header: re.Pattern[str], required: tuple[str, ...], optional: str) -> dict[str, str]:
+    """Each section's text by its header's (lower-cased) name; a section runs to the next header, and the first
+    section of each name counts. A ``required`` section missing or empty is a parse failure; the ``optional``
+    one is "" when absent or "none" (or "(none)", "n/a", "empty")."""
+    heads = list(header.finditer(raw))
+    parts: dict[str, str] = {}
+    for i, m in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(raw)
+        parts.setdefault(m.group(1).lower().replace("_", " "), raw[m.end():end].strip())
+    for key in required:
+        if not parts.get(key):
+            raise ValueError(f"no {key} section in {raw.strip()[:80]!r}")
+    if parts.get(optional, "").strip(" .()[]").lower() in ("none", "n/a", "empty", ""):
+        parts[optional] = ""
+    return parts
+
+
 def parse_task(raw: str) -> str:
     """A TEGIT task from "Instruction: ... / Input: ... / Output: ..." sections (each header at the start
     of a line, markdown and "The instruction is:" allowed, as small models write it; a section runs to the
     next header), as JSON ``{instruction, input,
     output}``. Instruction and output must not be empty; an input of "none" (or "(none)", "n/a") is empty."""
-    heads = list(_SECTION.finditer(raw))
-    parts: dict[str, str] = {}
-    for i, m in enumerate(heads):
-        end = heads[i + 1].start() if i + 1 < len(heads) else len(raw)
-        parts.setdefault(m.group(1).lower(), raw[m.end():end].strip())
-    for key in ("instruction", "output"):
-        if not parts.get(key):
-            raise ValueError(f"no {key} section in {raw.strip()[:80]!r}")
-    task_input = parts.get("input", "")
-    if task_input.strip(" .()[]").lower() in ("none", "n/a", "empty", ""):
-        task_input = ""
-    return json.dumps({"instruction": parts["instruction"], "input": task_input, "output": parts["output"]},
+    parts = _sections(raw, _SECTION, ("instruction", "output"), "input")
+    return json.dumps({"instruction": parts["instruction"], "input": parts["input"], "output": parts["output"]},
                       ensure_ascii=False)
 
 
@@ -574,3 +581,160 @@ __all__ = ["ALPAGASUS", "DEITA", "INDICATORS", "MT_BENCH", "MT_REFERENCE", "MT_R
            "parse_rating", "parse_winner"]
 __all__ += ["HUMPBACK_BACKWARD", "HUMPBACK_BACKWARD_PROMPTED", "HUMPBACK_CURATION", "TEGIT_DISCRIMINATOR",
             "TEGIT_TASK", "format_task", "parse_backtranslated", "parse_score_line", "parse_task", "parse_verdict"]
+
+# -- Generation halves of LIFT, Tree-Instruct and WaveCoder ----------------------------------------------------
+
+
+def parse_answer(raw: str) -> str:
+    """A generator's answer to an instruction, the whole text (a leading "Answer:"/"Response:" label dropped),
+    as JSON ``{"output": ...}``; an empty answer is a parse failure."""
+    return json.dumps({"output": _one_text(raw, "(?:answer|response)")}, ensure_ascii=False)
+
+
+GENERATED_ANSWER = Prompt(
+    name="generated_answer", version="1", parse=parse_answer, kind="json", max_tokens=512,
+    rubric="the generator answers an instruction it (or another generator) wrote: LIFT's expansion and "
+           "Tree-Instruct's augmentation both have the new instructions answered by the generating LLM",
+    system="You are a helpful, knowledgeable assistant. Answer the user's request completely and correctly.",
+    template="{prompt}")
+"""The answer to a generated instruction (a JSON signal: ``{output}``); ``prompt`` is the user turn."""
+
+
+def parse_numbered(raw: str) -> str:
+    """Instructions written as a numbered list ("1. ...", "2) ...", markdown allowed; a line that does not
+    start a new item continues the one before), as a JSON list of ``{"instruction": ...}``; no item is a
+    parse failure."""
+    items: list[str] = []
+    for line in raw.splitlines():
+        m = re.match(r"^\s*[*_#>-]*\s*(?:instruction\s*)?\d+\s*[.):]\s*[*_]*\s*(.*)$", line, flags=re.IGNORECASE)
+        if m:
+            items.append(re.sub(r"[*_]+$", "", m.group(1).strip()).strip())
+        elif items and line.strip():
+            items[-1] = f"{items[-1]}\n{line.strip()}"
+    items = [i for i in items if i]
+    if not items:
+        raise ValueError(f"no numbered instruction in {raw.strip()[:80]!r}")
+    return json.dumps([{"instruction": i} for i in items], ensure_ascii=False)
+
+
+LIFT_EXPAND = Prompt(
+    name="lift_expand", version="1", parse=parse_numbered, kind="json", max_tokens=512,
+    rubric="Xu et al. 2023, LIFT, dataset distribution expansion: an LLM writes new instructions from the original "
+           "ones, varied in topic and form and more demanding, to broaden the data distribution",
+    system="You write new instructions for training AI assistants, taking existing instructions as a starting point.",
+    template="""Here is an instruction that a user gave an AI assistant:
+
+{prompt}
+
+Write {n} new instructions inspired by it. Each must be a complete request that an assistant can answer on its \
+own (include any text or data it needs), and each must differ from the original and from the others: take it to \
+another topic or domain, ask for another kind of output, or make it more demanding by adding a requirement, a \
+constraint or a step of reasoning. Do not answer them.
+
+Write only the numbered list, one instruction per item:
+1. <new instruction>
+2. <new instruction>""")
+"""LIFT's expansion (a JSON signal: a list of ``{instruction}``): ``n`` new instructions from one original."""
+
+
+def parse_new_instruction(raw: str) -> str:
+    """Tree-Instruct's rewritten instruction: the text after the LAST "New instruction:" header (markdown
+    allowed), as JSON ``{"instruction": ...}``; no such header, or nothing after it, is a parse failure."""
+    heads = list(re.finditer(r"^[\s*#>_-]*new\s+instruction[*_]*\s*:[*_]*[ \t]*", raw,
+                             flags=re.IGNORECASE | re.MULTILINE))
+    if not heads:
+        raise ValueError(f"no 'New instruction:' section in {raw.strip()[-80:]!r}")
+    text = raw[heads[-1].end():].strip().strip('"').strip()
+    if not text:
+        raise ValueError("empty new instruction")
+    return json.dumps({"instruction": text}, ensure_ascii=False)
+
+
+TREE_INSTRUCT_AUGMENT = Prompt(
+    name="tree_instruct_augment", version="1", parse=parse_new_instruction, kind="json", max_tokens=512,
+    rubric="Zhao et al. 2023, Tree-Instruct: parse the instruction into a semantic tree, add a given number of "
+           "nodes to the tree, and write the enlarged tree back as a new, harder instruction",
+    system="You make instructions for AI assistants more complex in a controlled way, through their semantic trees.",
+    template="""Take the instruction below through three steps.
+
+1. Tree: parse it into a semantic tree, as in semantic parsing. The root is the main action the instruction asks \
+for; every object, attribute, constraint and sub-task it names is a node under the node it belongs to. Write the \
+tree with one node a line, indented by depth.
+2. Expansion: add exactly {nodes} new nodes to the tree: new objects, attributes, constraints or sub-tasks, each \
+attached where it makes sense. Write the enlarged tree the same way, marking each new node with a "+".
+3. Text: write the enlarged tree back as one natural instruction that asks for everything in it. It must read as \
+a request a user would make, not as a list of nodes.
+
+Instruction: "{instruction}"
+
+End your answer with the new instruction after the header "New instruction:", with nothing after it.""")
+"""Tree-Instruct's augmentation (a JSON signal: ``{instruction}``): ``nodes`` more nodes, written back as text."""
+
+_CODE_SECTION = re.compile(r"^[\s*#>_`-]*(task[ _]name|instruction|information|solution)[*_`]*\s*:[*_`]*[ \t]*",
+                           flags=re.IGNORECASE | re.MULTILINE)
+
+
+def format_code_task(task_name: str, instruction: str, information: str, solution: str) -> str:
+    """A WaveCoder item as the generator writes it (and as the few-shot examples show it)."""
+    return (f"Task name: {task_name}\nInstruction: {instruction}\nInformation: {information or 'none'}\n"
+            f"Solution:\n{solution}")
+
+
+def parse_code_task(raw: str) -> str:
+    """A WaveCoder item from "Task name: / Instruction: / Information: / Solution:" sections (each header at the
+    start of a line, markdown allowed; a section runs to the next header; the first of each kind counts), as JSON
+    ``{instruction, input, output, task_name}`` (the information is the example's input; "none" is empty).
+    Instruction and solution must not be empty."""
+    parts = _sections(raw, _CODE_SECTION, ("instruction", "solution"), "information")
+    return json.dumps({"instruction": parts["instruction"], "input": parts["information"], "output": parts["solution"],
+                       "task_name": parts.get("task name", "")}, ensure_ascii=False)
+
+
+WAVECODER_FIRST_GOOD = format_code_task(
+    "Code generation", "Write a Python function that returns the n-th Fibonacci number, computed iteratively.",
+    "n is a non-negative integer; fib(0) = 0 and fib(1) = 1.",
+    "def fib(n: int) -> int:\n    # walk the sequence n steps, keeping the last two numbers\n    a, b = 0, 1\n"
+    "    for _ in range(n):\n        a, b = b, a + b\n    return a")
+"""The generator's first good example (ours); accepted items replace it as the run goes."""
+
+WAVECODER_FIRST_BAD = format_code_task(
+    "Code generation", "Make the function better.", "",
+    "Here is a better version. It is faster because it uses caching:\n"
+    "result = cache(fib)") + ("\nRejected because: the instruction states no programming language; the solution "
+                               "is not only code; its logic is missing; it uses a library it does not import.")
+"""The generator's first bad example (ours), with why the discriminator rejects it; rejected items replace it."""
+
+WAVECODER_GENERATOR = Prompt(
+    name="wavecoder_generator", version="1", parse=parse_code_task, kind="json", max_tokens=768,
+    rubric="Yu et al. 2023, WaveCoder, LLM-based generator: from a piece of raw code, write an instruction item "
+           "(task name, instruction, information, solution), guided by a good and a bad example",
+    system="You turn raw source code into instruction data for training code assistants.",
+    template="""Below is a piece of raw code from an open-source project. Use it as the material of one \
+instruction item for a code assistant: choose a task that the code suggests (code generation, summarization, \
+translation to another language, or repair), and write
+- Task name: the kind of task;
+- Instruction: what the user asks, naming the programming language;
+- Information: what the assistant needs besides the instruction (the code to summarise, translate or repair, \
+or the requirements), or "none";
+- Solution: the answer, only code with comments inside it, complete, with every import it needs.
+
+A good item:
+{good}
+
+A bad item (do not write like this):
+{bad}
+
+Raw code:
+{code}
+
+Answer in exactly this form:
+Task name: <the task>
+Instruction: <the instruction>
+Information: <the information, or none>
+Solution:
+<the solution>""")
+"""WaveCoder's generator (a JSON signal: ``{instruction, input, output, task_name}``)."""
+
+__all__ += ["GENERATED_ANSWER", "LIFT_EXPAND", "TREE_INSTRUCT_AUGMENT", "WAVECODER_FIRST_BAD", "WAVECODER_FIRST_GOOD",
+            "WAVECODER_GENERATOR", "format_code_task", "parse_answer", "parse_code_task", "parse_new_instruction",
+            "parse_numbered"]

@@ -4,16 +4,20 @@ and a second run asks the server nothing."""
 
 from __future__ import annotations
 
+import json
 import re
 
+import polars as pl
 import pytest
 from openai_server import last_user, serving
 
 from sft_select.flows.tree_instruct import TreeInstructParams, tree_instruct
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
+from sft_select.tasks.generate import provenance
 from sft_select.tasks.judge import llm_signal
 from sft_select.tasks.prompts import TREE_INSTRUCT_NODES, parse_node_count
+from sft_select.tasks.signal_task import DatasetRef
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 JUDGE = "openai:judge-tree"
@@ -81,3 +85,49 @@ def test_tree_instruct_keeps_the_most_complex_and_stores_failures(store, server)
     again = tree_instruct(TreeInstructParams(dataset="tasks", judge=JUDGE, budget=None, threshold=6))
     assert server.requests == 8  # every count (and every failure) is stored: nothing asked again
     assert store.selections.read(again.selection_id)["score"].to_list() == [9.0, 8.0, 7.0, 6.0]
+
+
+EXTRA = ["quickly", "politely", "briefly", "carefully", "twice", "today"]  # one node each
+
+
+def augmenting(request) -> str:
+    """The generator and the judge on one server: task 0 gains all 6 new nodes, task 3 gains 2, task 1 comes back
+    unchanged (its count does not grow), task 2's rewrite has no "New instruction:" section. The judge counts one
+    node a word."""
+    text, system = last_user(request), request["messages"][0]["content"]
+    if "New instruction:" in text:
+        original = re.search(r'Instruction: "(.*)"', text).group(1)
+        i = int(re.search(r"Task (\d+)", original).group(1))
+        added = {0: EXTRA, 1: [], 3: EXTRA[:2]}.get(i)
+        return "write\n  thing\n+ more" + ("" if added is None else f"\n\nNew instruction: {' '.join([original, *added])}")
+    if system.startswith("You are a helpful"):
+        return f"Here is how: {text}"
+    instruction = re.search(r'Instruction: "(.*)"', text).group(1)
+    return f"tree\n{len(instruction.split())}"
+
+
+def test_augmentation_adds_nodes_answers_and_selects_only_what_grew(store, monkeypatch):
+    rows = [make_example([{"role": "user", "content": f"Task {i}: do thing {i}"},
+                          {"role": "assistant", "content": f"answer {i}"}], instruction=f"Task {i}: do thing {i}")
+            for i in range(4)]
+    store.datasets.register("plain", frame(rows))
+    with serving(augmenting, monkeypatch) as server:
+        params = TreeInstructParams(dataset="plain", judge=JUDGE, generator="openai:gen-tree", add_nodes=6,
+                                    budget=3, dedup_tau=None)
+        ref = tree_instruct(params)
+        assert server.requests == 4 + 3 + 3 + 3  # rewrites, answers of the 3 parsed, counts of those and of parents
+        augmented = DatasetRef.load("plain-tree_instruct-6").read()
+        rows_of = provenance(augmented)
+        assert augmented.height == 3 and set(rows_of["method"]) == {"tree_instruct"}
+        by_instruction = dict(zip(augmented["instruction"], rows_of["parents"].to_list()))
+        assert by_instruction["Task 0: do thing 0 " + " ".join(EXTRA)] == [rows[0]["uid"]]
+        assert set(rows_of["prompt"]) == {"generated_answer"}
+        fields = json.loads(augmented["meta"][0])["fields"]
+        assert fields["added_nodes"] == 6 and fields["rewrite"]["signal"].startswith("tree_instruct_augment")
+        assert augmented.filter(pl.col("instruction").str.starts_with("Task 0"))["output"][0].startswith("Here is how:")
+
+        # the check: task 1 did not grow (5 -> 5 nodes) and is not selected; 0 grew by 6, 3 by 2
+        chosen = store.selections.read(ref.selection_id).join(augmented, on="uid")
+        assert [s.split(":")[0] for s in chosen["instruction"]] == ["Task 0", "Task 3"]
+        assert chosen["score"].to_list() == [5.0 + 6, 5.0 + 2]
+        assert tree_instruct(params).rows == 2 and server.requests == 13  # a second run asks nothing
