@@ -1,8 +1,15 @@
-"""LIFT (Xu et al. 2023, "Rethinking the Instruction Quality: LIFT is What You Need"), the curation
-(selection) half.
+"""LIFT (Xu et al. 2023, "Rethinking the Instruction Quality: LIFT is What You Need"): expand the pool
+with an LLM, then curate it for variety and quality.
 
-LIFT first expands a pool with an LLM (the generation half, a later issue), then curates it. This flow
-is the curation, on any registered dataset: the original pool, or one that a generation step wrote.
+LIFT first expands a pool with an LLM, then curates it. Without ``expand`` this flow is the curation
+alone, on any registered dataset.
+
+0. Expansion (``expand``). For each original x_i (the first ``limit``), the generator writes
+   ``expansions`` new instructions from it, varied in topic, form and difficulty (one call, a numbered
+   list), and then answers each new instruction. Both steps go through ``generate`` (each row stored
+   with its provenance, the original's uid as parent; cached; cost cap; dry run); exact and near
+   duplicates (cosine > ``dedup_tau``) of the pool and of each other are dropped and counted. The pool
+   and the new pairs are registered as the dataset ``output``, and steps 1-3 curate that dataset.
 
 1. Variety curation. Embed every example; standardise each dimension over the pool; project on the
    principal components that explain 95% of the variance; each row's variance across its
@@ -31,7 +38,10 @@ scaled to the criterion's points: ``Q = sum_c points_c E_c / 9`` (four calls per
 multi-turn example is judged on its last exchange. The near-duplicate step (``dedup_tau``, 0.95
 by default, ours) makes explicit the redundancy the paper removes; the authors' code has no
 separate step for it. The budget defaults to 10% of the pool (the authors keep the top 10,000 of
-their variety-curated set).
+their variety-curated set). Expansion: the paper's GPT-4 rewriting prompt and its rules are not
+reproduced; our prompt asks for ``expansions`` new instructions a call, greedy, in our words, answered by
+the same generator; the instructions are deduplicated only once answered (with the pairs); the cost cap
+(``max_calls``, ``max_tokens``) covers the generator's calls, not the judge's.
 """
 
 from __future__ import annotations
@@ -45,11 +55,13 @@ from prefect import flow
 from pydantic import Field
 
 from sft_select.flows.common import MethodParams, SelectionRef, finish
+from sft_select.storage.examples import prompt_text
 from sft_select.tasks.backends.chat import get_llm
 from sft_select.tasks.cluster import repr_filter
 from sft_select.tasks.embed import embed, embed_signal, load_vectors
+from sft_select.tasks.generate import CostCap, Generation, generate, register_generation, requests
 from sft_select.tasks.judge import llm_signal, score_with_llm
-from sft_select.tasks.prompts import LIFT_EXPECTED, LIFT_POINTS, LIFT_QUALITY
+from sft_select.tasks.prompts import GENERATED_ANSWER, LIFT_EXPAND, LIFT_EXPECTED, LIFT_POINTS, LIFT_QUALITY
 from sft_select.tasks.report import histogram_rows, publish_table
 from sft_select.tasks.select import resolve_budget
 from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store
@@ -147,7 +159,44 @@ class LiftParams(MethodParams):
                             "expected for local judges, text otherwise.")
     judge: str | None = Field(None, description="LLM backend: 'openai:<model>' (OPENAI_BASE_URL), 'local', "
                                                 "'local:<model folder>'; empty: the configured default.")
-    batch_size: int = Field(32, description="Examples per durable batch of ratings.")
+    batch_size: int = Field(32, description="Examples per durable batch of ratings (and of generation).")
+    expand: bool = Field(False, description="Expansion first: the generator writes new instructions from the "
+                                            "originals and answers them; the pool and the new pairs are curated.")
+    expansions: int = Field(3, ge=1, description="New instructions the generator writes from each original.")
+    generator: str | None = Field(None, description="LLM spec of the generator (expansion); the configured default "
+                                                    "when empty.")
+    limit: int | None = Field(None, ge=1, description="Expand from the first this many originals; empty: all.")
+    max_calls: int | None = Field(None, ge=1, description="Cost cap: generator calls this run may make.")
+    max_tokens: int | None = Field(None, ge=1, description="Cost cap: generator tokens (prompt + completion).")
+    output: str | None = Field(None, description="Name of the expanded dataset; default '<dataset>-lift'.")
+
+
+def expand(params: LiftParams, dataset: DatasetRef) -> tuple[list[Generation], DatasetRef]:
+    """Step 0: new instructions from the originals, answered, deduplicated against the pool and each other;
+    the pool and the kept pairs registered as the expanded dataset."""
+    pool = dataset.read()
+    originals = pool[: params.limit]
+    cap = CostCap(params.max_calls, params.max_tokens)
+    generator = get_llm(params.generator)
+    reqs = requests([{"prompt": prompt_text(r), "n": params.expansions} for r in originals.iter_rows(named=True)],
+                    [[u] for u in originals["uid"]])
+    written = generate(reqs, LIFT_EXPAND, generator, method="lift", dedup_tau=None, cap=cap,
+                       batch_size=params.batch_size)
+    parents = [json.loads(m)["generated"]["parents"] for m in written.examples["meta"]]
+    answers = requests([{"prompt": i} for i in written.examples["instruction"]], parents,
+                       [{"instruction": i, "expansion": {"signal": written.signal.id}}
+                        for i in written.examples["instruction"]])
+    answered = generate(answers, GENERATED_ANSWER, generator, method="lift", pool=pool, dedup_tau=params.dedup_tau,
+                        encoder=params.encoder, cap=cap, batch_size=params.batch_size)
+    for g in (written, answered):
+        print(f"lift expansion ({g.report['prompt']}): {g.report['requests']} requests -> {g.report['generated']} "
+              f"made ({g.report['parse_failures']} unparseable, {g.report['unanswered']} not asked) -> "
+              f"{g.report['kept']} kept ({g.report['exact_duplicates']} exact and {g.report['near_duplicates']} near "
+              "duplicates dropped)" + (f"; {g.report['stopped']}" if g.report["stopped"] else ""))
+    output = params.output or f"{dataset.name}-lift"
+    ref = register_generation(output, answered, extra=pool, source=f"generated: lift expansion of {dataset.name}@"
+                              f"{dataset.version} by {answered.report['generator']}, with its {pool.height} rows")
+    return [written, answered], ref
 
 
 def _quality(params: LiftParams, judge, dataset: DatasetRef, candidates: list[str],
@@ -175,8 +224,13 @@ def _quality(params: LiftParams, judge, dataset: DatasetRef, candidates: list[st
 @flow(name="lift", log_prints=True)
 def lift(params: LiftParams) -> SelectionRef:
     """Keep the rows of largest PCA variance; score them (accuracy, explanations, clarity, difficulty,
-    plus length); keep the best to the budget, without near-duplicates."""
+    plus length); keep the best to the budget, without near-duplicates. With ``expand``, first add new
+    instructions written from the originals and answered, and curate the expanded pool."""
     dataset = DatasetRef.load(params.dataset, params.dataset_version)
+    generations: list[Generation] = []
+    if params.expand:  # 0. expansion
+        generations, dataset = expand(params, dataset)
+        params = params.model_copy(update={"output": dataset.name})
     m = resolve_budget(params.budget, dataset.rows)
     pool = dataset.read().sort("uid")
 
@@ -221,8 +275,9 @@ def lift(params: LiftParams) -> SelectionRef:
     print(f"lift: {len(uids)} embedded -> PCA {components} components -> {len(candidates)} of largest row variance "
           f"({params.variety_share:.0%}) -> {ranked.height} scored by {judge.name} ({scoring}; {failed} without a "
           f"score) -> {selection.height} kept ({skipped} near-duplicates skipped, budget {m})")
-    return finish("lift", params, dataset, selection, [embedded, *rated])
+    made = [g.signal_ref(dataset.fingerprint) for g in generations]
+    return finish("lift", params, dataset, selection, [embedded, *rated, *made])
 
 
-__all__ = ["LiftParams", "combine", "drop_near_duplicates", "length_scores", "lift", "lift_length",
+__all__ = ["LiftParams", "combine", "drop_near_duplicates", "expand", "length_scores", "lift", "lift_length",
            "pca_row_variance", "variety_curation"]

