@@ -112,8 +112,10 @@ def augment(params: TreeInstructParams, dataset: DatasetRef) -> tuple[list[Gener
               f"{g.report['near_duplicates']} near duplicates dropped)" + (f"; {g.report['stopped']}"
                                                                            if g.report["stopped"] else ""))
     if ref is None:
-        raise ValueError(f"tree_instruct: no augmented instruction was made from {pool.height} (see the signals' "
-                         "errors)")
+        raise ValueError(f"tree_instruct: no augmented pair was kept from {pool.height} instructions "
+                         f"({rewritten.report['generated']} rewritten, {answered.report['generated']} answered, "
+                         f"{answered.report['exact_duplicates'] + answered.report['near_duplicates']} of those dropped "
+                         "as duplicates of the pool; see the signals' errors)")
     return [rewritten, answered], ref
 
 
@@ -154,7 +156,8 @@ def tree_instruct(params: TreeInstructParams) -> SelectionRef:
     generations, original = [], dataset
     if params.add_nodes:
         generations, dataset = augment(params, original)
-        params = params.model_copy(update={"output": dataset.name})
+        budget = params.budget if params.budget is None or params.budget < 1 else min(params.budget, dataset.rows)
+        params = params.model_copy(update={"output": dataset.name, "budget": budget})  # the pool is what was made
 
     counted = score_with_llm(signal, dataset, batch_size=params.batch_size)
     nodes = get_store().signals.values(signal, dataset.read(["uid"])["uid"], alias="score")

@@ -638,13 +638,14 @@ Write only the numbered list, one instruction per item:
 
 
 def parse_new_instruction(raw: str) -> str:
-    """Tree-Instruct's rewritten instruction: the text after the LAST "New instruction:" header (markdown
-    allowed), as JSON ``{"instruction": ...}``; no such header, or nothing after it, is a parse failure."""
-    heads = list(re.finditer(r"^[\s*#>_-]*new\s+instruction[*_]*\s*:[*_]*[ \t]*", raw,
+    """Tree-Instruct's rewritten instruction: the first paragraph after the LAST "New instruction:" header
+    (markdown, "Here is the new instruction:" and quotes allowed; a remark after a blank line is not part of
+    it), as JSON ``{"instruction": ...}``; no such header, or nothing after it, is a parse failure."""
+    heads = list(re.finditer(r"^[\s*#>_-]*(?:here\s+is\s+)?(?:the\s+)?new\s+instruction[*_]*\s*:[*_]*[ \t]*", raw,
                              flags=re.IGNORECASE | re.MULTILINE))
     if not heads:
         raise ValueError(f"no 'New instruction:' section in {raw.strip()[-80:]!r}")
-    text = raw[heads[-1].end():].strip().strip('"').strip()
+    text = re.split(r"\n\s*\n", raw[heads[-1].end():].strip())[0].strip().strip('"').strip()
     if not text:
         raise ValueError("empty new instruction")
     return json.dumps({"instruction": text}, ensure_ascii=False)

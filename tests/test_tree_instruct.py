@@ -16,7 +16,7 @@ from sft_select.storage import make_example
 from sft_select.storage.examples import frame
 from sft_select.tasks.generate import provenance
 from sft_select.tasks.judge import llm_signal
-from sft_select.tasks.prompts import TREE_INSTRUCT_NODES, parse_node_count
+from sft_select.tasks.prompts import TREE_INSTRUCT_NODES, parse_new_instruction, parse_node_count
 from sft_select.tasks.signal_task import DatasetRef
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -107,6 +107,8 @@ def augmenting(request) -> str:
 
 
 def test_augmentation_adds_nodes_answers_and_selects_only_what_grew(store, monkeypatch):
+    assert json.loads(parse_new_instruction('tree\nHere is the new instruction:\n\n"Do X and Y."\n\nA remark.')) == {
+        "instruction": "Do X and Y."}  # its first paragraph, as small models write it
     rows = [make_example([{"role": "user", "content": f"Task {i}: do thing {i}"},
                           {"role": "assistant", "content": f"answer {i}"}], instruction=f"Task {i}: do thing {i}")
             for i in range(4)]
