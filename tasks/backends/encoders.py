@@ -36,12 +36,15 @@ def load_encoder(name: str) -> Any:
 def encode(texts: Sequence[str], model: str | None = None, *, max_tokens: int = 256,
            batch_size: int = 64) -> np.ndarray:
     """Embeddings of ``texts`` as an ``(n, d)`` float32 array of unit rows (texts truncated to
-    ``max_tokens`` tokens; sentence-transformers sorts each call's texts by length to cut padding)."""
+    ``max_tokens`` tokens, or to the encoder's own position limit where that is shorter: 512 for
+    all-MiniLM-L6-v2; sentence-transformers sorts each call's texts by length to cut padding)."""
     encoder = load_encoder(model or settings().encoder)
     if not texts:
         return np.zeros((0, encoder.get_embedding_dimension()), dtype=np.float32)
+    positions = getattr(getattr(encoder[0], "auto_model", None), "config", None)
+    limit = getattr(positions, "max_position_embeddings", None) or max_tokens
     with _lock:  # max_seq_length is state of the shared model object
-        encoder.max_seq_length = max_tokens
+        encoder.max_seq_length = min(max_tokens, limit)
         vectors = encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
                                  normalize_embeddings=True, show_progress_bar=False)
     return np.ascontiguousarray(vectors, dtype=np.float32)
