@@ -47,6 +47,7 @@ OTHER_FLOWS: dict[str, str] = {
     "ingest": "sft_select.flows.ingest:ingest",
     "demo": "sft_select.flows.demo:demo",
     "compare": "sft_select.flows.compare:compare",
+    "fill": "sft_select.flows.fill:fill_signal",
 }
 
 

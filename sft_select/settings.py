@@ -35,6 +35,10 @@ def _load_dotenv(path: Path = Path(".env")) -> None:
 
 class Settings(BaseModel):
     home: Path
+    signals_url: str | None
+    task_runner: str
+    task_runner_address: str | None
+    shards: int
     catalog_lock_timeout_s: float
     llm_backend: str
     local_llm: str
@@ -62,6 +66,10 @@ def settings() -> Settings:
     rpm, tpm, threads = _env("SFT_SELECT_OPENAI_RPM"), _env("SFT_SELECT_OPENAI_TPM"), _env("SFT_SELECT_TORCH_THREADS")
     return Settings(
         home=home,
+        signals_url=_env("SFT_SELECT_SIGNALS_URL"),
+        task_runner=_env("SFT_SELECT_TASK_RUNNER", "local"),
+        task_runner_address=_env("SFT_SELECT_TASK_RUNNER_ADDRESS"),
+        shards=int(_env("SFT_SELECT_SHARDS", "0")),
         catalog_lock_timeout_s=float(_env("SFT_SELECT_CATALOG_LOCK_TIMEOUT_S", "60")),
         llm_backend=_env("SFT_SELECT_LLM", "local"),
         local_llm=_env("SFT_SELECT_LOCAL_LLM", "smollm2-135m-instruct"),

@@ -18,11 +18,17 @@ leaves those rows out (``None`` outcomes) and sets :attr:`BatchResult.abort`; th
 the batch did get and raises :class:`FillAborted`, and no example's attempts are spent. Two runs
 filling one signal at once lease their batches (:mod:`.leases`), so no example is paid for twice.
 :meth:`SignalStore.reset` makes failed rows count as untried again (``sft-select signals --retry``).
+
+The catalog has one writer: a store made with ``catalog=None`` (a worker filling a shard, see
+``tasks/scale.py``) writes parts and never opens the catalog; each part carries what it cost in its
+Parquet metadata, so :meth:`SignalStore.reconcile`, run by the flow's process, indexes it with its
+cost. The root may be an fsspec URL (``s3://bucket/signals``, see :mod:`.fs`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -39,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .catalog import Catalog
+from .fs import filesystem, is_url, no_space
 from .leases import Leases
 
 Kind = Literal["float", "vector", "tags", "json", "text"]
@@ -50,6 +57,7 @@ VALUE_DTYPES: dict[str, pl.DataType] = {
     "text": pl.String(),
 }
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+USAGE_KEY = "sft_select.usage"  # a part's cost (calls, tokens, seconds), in its Parquet metadata
 
 
 def canonical_json(value: Any) -> str:
@@ -142,11 +150,20 @@ Compute = Callable[[pl.DataFrame], BatchResult]
 
 
 class SignalStore:
-    def __init__(self, root: str | Path, catalog: Catalog):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, catalog: Catalog | None):
+        """``root``: a folder or an fsspec URL. ``catalog``: None for a worker's store, which writes
+        parts and leaves their indexing to the catalog's one writer (:meth:`reconcile`)."""
+        self.url = str(root) if is_url(str(root)) else None
+        self.fs, base = filesystem(self.url) if self.url else (None, "")
+        self.root: Path | str = base.rstrip("/") if self.url else Path(root)
         self.catalog = catalog
         # ids of signals a dry run planned instead of filling: reading one raises NotFilled
         self.planned: set[str] = set()
+
+    @property
+    def location(self) -> str:
+        """What a worker needs to open this store: the URL, or the folder."""
+        return self.url or str(self.root)
 
     def _filled(self, signal: Signal) -> None:
         if signal.id in self.planned:
@@ -164,23 +181,74 @@ class SignalStore:
         row = rows.row(0, named=True)
         return Signal(row["name"], json.loads(row["params"]), version=row["version"], kind=row["kind"])
 
-    def dir(self, signal: Signal) -> Path:
-        return self.root / signal.id
+    def register(self, signal: Signal) -> None:
+        """List ``signal`` in the catalog (once), and index parts a killed process left unlisted."""
+        self.catalog.register_signal(signal.id, signal.name, dict(signal.params), signal.version, signal.kind,
+                                     signal.model)
+        self.reconcile(signal)
 
-    def _parts(self, signal: Signal) -> list[Path]:
-        folder = self.dir(signal)
-        return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    def dir(self, signal: Signal) -> Path | str:
+        return self.root / signal.id if isinstance(self.root, Path) else f"{self.root}/{signal.id}"
+
+    # -- files: a local folder, or an fsspec filesystem ----------------------------------------
+
+    def _list(self, folder: Path | str, pattern: str) -> list:
+        if self.fs is None:
+            return sorted(folder.glob(pattern)) if folder.is_dir() else []
+        return sorted(self.fs.glob(f"{folder}/{pattern}"))
+
+    def _read(self, paths: list, columns: list[str] | None = None, with_paths: bool = False) -> pl.LazyFrame:
+        """The rows of these parts in order (with the file path as ``_path`` when asked)."""
+        if self.fs is None:
+            scan = pl.scan_parquet(paths, include_file_paths="_path" if with_paths else None)
+            return scan if columns is None else scan.select([*columns, *(["_path"] if with_paths else [])])
+        frames = []
+        for path in paths:
+            df = pl.from_arrow(pq.read_table(path, columns=columns, filesystem=self.fs))
+            frames.append(df.with_columns(_path=pl.lit(str(path))) if with_paths else df)
+        return pl.concat(frames, how="vertical_relaxed").lazy()
+
+    def _rel(self, path: Path | str) -> str:
+        return str(path.relative_to(self.root)) if isinstance(path, Path) else str(path)[len(self.root) + 1:]
+
+    def _put(self, folder: Path | str, name: str, df: pl.DataFrame, **options: Any) -> Path | str:
+        """Write ``df`` as the immutable file ``folder/name``: never seen half written. A full disk
+        raises :class:`~.fs.StoreFull` and leaves nothing behind."""
+        if self.fs is not None:  # one PUT: the object exists whole or not at all
+            final = f"{folder}/{name}"
+            with self.fs.open(final, "wb") as f:
+                df.write_parquet(f, **options)
+            return final
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp, final = folder / f".tmp-{name}", folder / name
+        data = io.BytesIO()  # encoded first, so that a full disk is the file's own OSError
+        df.write_parquet(data, **options)
+        try:
+            with tmp.open("wb") as f:
+                f.write(data.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.rename(final)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if (full := no_space(e, folder, f"a part of {df.height} rows")) is not None:
+                raise full from e
+            raise
+        return final
+
+    def _parts(self, signal: Signal) -> list:
+        return self._list(self.dir(signal), "part-*.parquet")
 
     def _scan(self, signal: Signal) -> pl.LazyFrame | None:
         parts = self._parts(signal)
         if not parts:
             return None
         # Part names sort by creation time; the row order inside is kept, so "last" is the newest.
-        return pl.scan_parquet(parts)
+        return self._read(parts)
 
-    def _resets(self, signal: Signal) -> list[Path]:
-        folder = self.dir(signal) / "resets"
-        return sorted(folder.glob("reset-*.parquet")) if folder.is_dir() else []
+    def _resets(self, signal: Signal) -> list:
+        return self._list(self.dir(signal) / "resets" if self.fs is None else f"{self.dir(signal)}/resets",
+                          "reset-*.parquet")
 
     def _rows(self, signal: Signal) -> pl.LazyFrame | None:
         """Every stored row, less the error rows written before a :meth:`reset` of their uid."""
@@ -188,9 +256,8 @@ class SignalStore:
         if not parts or not resets:
             return self._scan(signal)
         stamp = pl.col("_path").str.extract(r"(?:part|reset)-(\d{20})", 1).cast(pl.Int64)
-        last_reset = (pl.scan_parquet(resets, include_file_paths="_path")
-                      .group_by("uid").agg(_reset=stamp.max()))
-        return (pl.scan_parquet(parts, include_file_paths="_path")
+        last_reset = self._read(resets, with_paths=True).group_by("uid").agg(_reset=stamp.max())
+        return (self._read(parts, with_paths=True)
                 .with_row_index("_order")
                 .join(last_reset, on="uid", how="left")
                 .filter(pl.col("error").is_null() | pl.col("_reset").is_null() | (stamp > pl.col("_reset")))
@@ -225,8 +292,6 @@ class SignalStore:
         if not kept:
             return None
         uids, outcomes = [u for u, _ in kept], [o for _, o in kept]
-        folder = self.dir(signal)
-        folder.mkdir(parents=True, exist_ok=True)
         df = pl.DataFrame(
             {
                 "uid": list(uids),
@@ -243,15 +308,12 @@ class SignalStore:
             if widths.len() == 1:
                 df = df.with_columns(pl.col("value").list.to_array(int(widths[0])))
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp, final = folder / f".tmp-{name}", folder / name
-        with tmp.open("wb") as f:
-            # float vectors barely compress, and uncompressed pages decode several times faster
-            df.write_parquet(f, compression="uncompressed" if signal.kind == "vector" else "zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(final)
-        self.catalog.add_part(signal.id, str(final.relative_to(self.root)), df.height,
-                              int(df["error"].is_not_null().sum()), dict(usage or {}))
+        usage = {k: float(v) for k, v in (usage or {}).items()}
+        # float vectors barely compress, and uncompressed pages decode several times faster
+        final = self._put(self.dir(signal), name, df, compression="uncompressed" if signal.kind == "vector" else "zstd",
+                          metadata={USAGE_KEY: json.dumps(usage, sort_keys=True)})
+        if self.catalog is not None:
+            self.catalog.add_part(signal.id, self._rel(final), df.height, int(df["error"].is_not_null().sum()), usage)
         return final
 
     def reset(self, signal: Signal, uids: Sequence[str] | None = None, *, final: bool = False) -> list[str]:
@@ -262,26 +324,27 @@ class SignalStore:
         rows = self.read(signal, uids)
         failed = rows.filter(pl.col("error").is_not_null() & (final | ~pl.col("final")))["uid"].to_list()
         if failed:
-            folder = self.dir(signal) / "resets"
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = self.dir(signal) / "resets" if self.fs is None else f"{self.dir(signal)}/resets"
             name = f"reset-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-            tmp = folder / f".tmp-{name}"
-            pl.DataFrame({"uid": failed}, schema={"uid": pl.String}).write_parquet(tmp)
-            tmp.rename(folder / name)
+            self._put(folder, name, pl.DataFrame({"uid": failed}, schema={"uid": pl.String}))
         return failed
 
     def reconcile(self, signal: Signal) -> int:
-        """Index parts that are on disk but not in the catalog (a process killed between the rename
-        and the catalog insert). The files are the truth; the catalog is their index."""
-        parts = {str(p.relative_to(self.root)): p for p in self._parts(signal)}
+        """Index parts that are on disk but not in the catalog (written by a worker's store, or by a
+        process killed between the rename and the catalog insert), with the cost each part records.
+        The files are the truth; the catalog is their index."""
+        parts = {self._rel(p): p for p in self._parts(signal)}
         if not parts:
             return 0
         known = set(self.catalog.query("SELECT path FROM signal_parts WHERE signal_id = ?", [signal.id])["path"])
         added = 0
         for rel, path in parts.items():
             if rel not in known:
-                df = pl.read_parquet(path, columns=["error"])
-                self.catalog.add_part(signal.id, rel, df.height, int(df["error"].is_not_null().sum()), {})
+                with (path.open("rb") if self.fs is None else self.fs.open(path, "rb")) as f:
+                    part = pq.ParquetFile(f)
+                    usage = json.loads((part.metadata.metadata or {}).get(USAGE_KEY.encode(), b"{}"))
+                    errors = pl.from_arrow(part.read(columns=["error"]))["error"].is_not_null().sum()
+                self.catalog.add_part(signal.id, rel, part.metadata.num_rows, int(errors), usage)
                 added += 1
         return added
 
@@ -302,9 +365,8 @@ class SignalStore:
         to cut padding). ``progress(done, total)`` is called after every durable batch. Raises
         :class:`FillAborted` after storing a batch whose :attr:`BatchResult.abort` is set.
         """
-        self.catalog.register_signal(signal.id, signal.name, dict(signal.params), signal.version, signal.kind,
-                                     signal.model)
-        self.reconcile(signal)
+        if self.catalog is not None:  # a worker's store leaves this to the catalog's writer
+            self.register(signal)
         seen = set(self._parts(signal))  # before reading status: a part written after it is seen as new
         examples = examples.unique("uid", maintain_order=True)
         todo_uids = self.missing(signal, examples["uid"], max_attempts)
@@ -313,14 +375,14 @@ class SignalStore:
                              how="semi", maintain_order="left")
         if order_by is not None and todo.height:
             todo = order_by(todo)
-        leases, total = Leases(self.dir(signal)), todo.height
+        leases, total = Leases(self.dir(signal), fs=self.fs), todo.height
         while todo.height:
             with leases.locked():
                 # parts another run wrote since we looked: their uids are paid for
                 new = [p for p in self._parts(signal) if p not in seen]
                 seen.update(new)
                 if new:
-                    done = pl.read_parquet(new, columns=["uid"])["uid"].to_list()
+                    done = self._read(new, ["uid"]).collect()["uid"].to_list()
                     report.by_others += int(todo["uid"].is_in(done).sum())
                     todo = todo.filter(~pl.col("uid").is_in(done))
                 busy = leases.held_by_others()
@@ -386,7 +448,7 @@ class SignalStore:
         present = np.zeros(wanted.height, dtype=bool)
         for part in self._parts(signal):
             # pyarrow decodes fixed-size lists fastest; the vectors go straight to numpy, never to Python
-            table = pq.read_table(part, columns=["uid", "value", "error"])
+            table = pq.read_table(part, columns=["uid", "value", "error"], filesystem=self.fs)
             keys = pl.from_arrow(table.select(["uid", "error"])).with_row_index("pos")
             hit = keys.filter(pl.col("error").is_null()).join(wanted, on="uid", how="inner")
             if hit.height == 0:

@@ -28,14 +28,15 @@ log = logging.getLogger("sft_select")
 
 
 @lru_cache(maxsize=4)
-def _store(home: str, timeout: float) -> Store:
-    return Store(home, timeout)
+def _store(home: str, timeout: float, signals: str | None) -> Store:
+    return Store(home, timeout, signals)
 
 
 def get_store() -> Store:
-    """The store under ``SFT_SELECT_HOME`` (re-read each call, so tests may point it elsewhere)."""
+    """The store under ``SFT_SELECT_HOME``, its signal parts under ``SFT_SELECT_SIGNALS_URL`` when set
+    (re-read each call, so tests may point it elsewhere)."""
     s = settings()
-    return _store(str(s.home), s.catalog_lock_timeout_s)
+    return _store(str(s.home), s.catalog_lock_timeout_s, s.signals_url)
 
 
 class DatasetRef(BaseModel):
@@ -129,8 +130,10 @@ def fill_signal(
     """Plain function: compute ``signal`` for the dataset's examples that lack it, batch by batch.
 
     ``build(signal)`` returns the batch function; it is called only when something is missing, so
-    a fully reused signal never loads a model. A failure of the service (``FillAborted``) is raised
-    as it is: the run stops, and no example was charged an attempt. Under :func:`dry_run` nothing is
+    a fully reused signal never loads a model. With a task runner other than ``local`` (a flow's
+    :func:`~sft_select.tasks.scale.scale_out`, or ``SFT_SELECT_TASK_RUNNER``) the missing examples are
+    filled in shards on a Ray or Dask cluster (:mod:`sft_select.tasks.scale`). A failure of the service
+    (``FillAborted``) is raised as it is: the run stops, and no example was charged an attempt. Under :func:`dry_run` nothing is
     computed: the missing examples and ``estimate(signal, missing rows)`` (calls, tokens, cost) are
     recorded and the signal is planned.
     """
@@ -153,8 +156,15 @@ def fill_signal(
             compute = build(signal)
         return compute(batch)
 
-    report: FillReport = store.signals.fill(signal, examples, lazy, batch_size=batch_size,
-                                            max_attempts=max_attempts, order_by=order_by, progress=progress)
+    from sft_select.tasks.scale import current_scale, fill_sharded
+
+    scale = current_scale()
+    if scale.task_runner == "local":
+        report: FillReport = store.signals.fill(signal, examples, lazy, batch_size=batch_size,
+                                                max_attempts=max_attempts, order_by=order_by, progress=progress)
+    else:  # shards of the missing examples over a Ray or Dask cluster (tasks/scale.py)
+        report = fill_sharded(store, signal, examples, build, scale, batch_size=batch_size,
+                              max_attempts=max_attempts, order_by=order_by, progress=progress)
     values = store.signals.read(signal, examples["uid"])
     errors = values.filter(pl.col("error").is_not_null())
     retryable = errors.filter(~pl.col("final") & (pl.col("attempts") < max_attempts))

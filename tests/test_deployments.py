@@ -177,3 +177,19 @@ def test_deployments_run_from_the_ui_on_a_real_server(server: tuple[str, Process
     pool = read_examples(DEMO_POOL).examples
     long_good = set(pool["uid"].gather(list(LONG_GOOD)))
     assert set(store.selections.read(row["selection_id"])["uid"].head(len(LONG_GOOD))) == long_good
+
+    # a signal filled in shards on a Dask cluster that the run's parameters choose (tasks/scale.py)
+    run = _run(api, "fill-signal/default",
+               {"params": {"dataset": "demo", "signal": "embed", "task_runner": "dask", "workers": 2,
+                           "batch_size": 32}}, worker_log)
+    from sft_select.flows.fill import FillParams, signal_of
+
+    signal, _ = signal_of(FillParams(dataset="demo"))
+    parts = store.signals._parts(signal)
+    uids = pl.concat([pl.read_parquet(p, columns=["uid", "error"]) for p in parts])
+    assert uids["uid"].n_unique() == uids.height == 150 and uids["error"].null_count() == 150
+    listed = store.catalog.query("SELECT path FROM signal_parts WHERE signal_id = ?", [signal.id])["path"]
+    assert sorted(listed) == sorted(store.signals._rel(p) for p in parts) and len(parts) >= 2
+    logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}},
+                      timeout=10).raise_for_status().json()
+    assert any("shards on dask" in entry["message"] for entry in logs)
