@@ -571,17 +571,6 @@ Decision: accept or reject
 Reason: <one sentence>""")
 """TEGIT's task discriminator (a JSON signal: ``{accept, reason}``)."""
 
-__all__ = ["ALPAGASUS", "INDICATORS", "LIFT_EXPECTED", "LIFT_POINTS", "LIFT_QUALITY", "MT_BENCH", "MT_REFERENCE",
-           "MT_REFERENCE_CATEGORIES", "PAIRWISE", "TREE_INSTRUCT_NODES", "WAVECODER_CHECKLIST", "WAVECODER_CHECKS",
-           "parse_checklist", "parse_lift_parts", "parse_node_count", "parse_rating", "parse_winner"]
-__all__ = ["ALPAGASUS", "INDICATORS", "INSTAG", "MT_BENCH", "MT_REFERENCE", "MT_REFERENCE_CATEGORIES", "PAIRWISE",
-           "parse_intent_tags", "parse_rating", "parse_winner"]
-
-__all__ = ["ALPAGASUS", "DEITA", "INDICATORS", "MT_BENCH", "MT_REFERENCE", "MT_REFERENCE_CATEGORIES", "PAIRWISE",
-           "parse_rating", "parse_winner"]
-__all__ += ["HUMPBACK_BACKWARD", "HUMPBACK_BACKWARD_PROMPTED", "HUMPBACK_CURATION", "TEGIT_DISCRIMINATOR",
-            "TEGIT_TASK", "format_task", "parse_backtranslated", "parse_score_line", "parse_task", "parse_verdict"]
-
 # -- Generation halves of LIFT, Tree-Instruct and WaveCoder ----------------------------------------------------
 
 
@@ -736,6 +725,11 @@ Solution:
 <the solution>""")
 """WaveCoder's generator (a JSON signal: ``{instruction, input, output, task_name}``)."""
 
-__all__ += ["GENERATED_ANSWER", "LIFT_EXPAND", "TREE_INSTRUCT_AUGMENT", "WAVECODER_FIRST_BAD", "WAVECODER_FIRST_GOOD",
-            "WAVECODER_GENERATOR", "format_code_task", "parse_answer", "parse_code_task", "parse_new_instruction",
-            "parse_numbered"]
+__all__ = ["ALPAGASUS", "DEITA", "GENERATED_ANSWER", "HUMPBACK_BACKWARD", "HUMPBACK_BACKWARD_PROMPTED",
+           "HUMPBACK_CURATION", "INDICATORS", "INSTAG", "LIFT_EXPAND", "LIFT_EXPECTED", "LIFT_POINTS", "LIFT_QUALITY",
+           "MT_BENCH", "MT_REFERENCE", "MT_REFERENCE_CATEGORIES", "PAIRWISE", "TEGIT_DISCRIMINATOR", "TEGIT_TASK",
+           "TREE_INSTRUCT_AUGMENT", "TREE_INSTRUCT_NODES", "WAVECODER_CHECKLIST", "WAVECODER_CHECKS",
+           "WAVECODER_FIRST_BAD", "WAVECODER_FIRST_GOOD", "WAVECODER_GENERATOR", "format_code_task", "format_task",
+           "parse_answer", "parse_backtranslated", "parse_checklist", "parse_code_task", "parse_intent_tags",
+           "parse_lift_parts", "parse_new_instruction", "parse_node_count", "parse_numbered", "parse_rating",
+           "parse_score_line", "parse_task", "parse_verdict", "parse_winner"]
