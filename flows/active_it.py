@@ -92,7 +92,8 @@ class ActiveITParams(MethodParams):
     max_new_tokens: int = Field(128, ge=1, description="Length of the predictions.")
     max_length: int = Field(1024, ge=16, description="Tokens of prompt + answer when scoring.")
     precision: Precision = Field("float32", description="bfloat16: the losses under bf16 autocast (where this CPU or GPU "
-                                                         "runs bf16 fast); int8: dynamically quantised linear layers (CPU).")
+                                                         "runs bf16 fast); int8: dynamically quantised linear layers (CPU; "
+                                                         "failed the validation on SmolLM2, docs/results.md).")
     batch_size: int = Field(16, ge=1, description="Probed examples per durable batch.")
 
     @model_validator(mode="after")

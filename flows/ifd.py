@@ -177,7 +177,8 @@ class IFDParams(MethodParams):
     max_length: int | None = Field(None, ge=16, description="Tokens of prompt + answer; empty: 512 (cherry) or "
                                                             "1024 (superfiltering), the authors' scripts.")
     precision: Precision = Field("float32", description="bfloat16: the losses under bf16 autocast (where this CPU or GPU "
-                                                         "runs bf16 fast); int8: dynamically quantised linear layers (CPU).")
+                                                         "runs bf16 fast); int8: dynamically quantised linear layers (CPU; "
+                                                         "failed the validation on SmolLM2, docs/results.md).")
     pre_experience: bool = Field(True, description="cherry only: learn from brief experience first (the paper's "
                                                    "v1); off scores with the base model (their v2).")
     clusters: int = Field(100, ge=1, description="k-means clusters of the instruction embeddings (pre-experience).")

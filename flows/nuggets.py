@@ -82,7 +82,8 @@ class NuggetsParams(MethodParams):
     anchor_max_length: int = Field(ANCHOR_MAX_LENGTH, ge=16, description="Tokens of an anchor (prompt + answer; "
                                                                          "the authors' 200).")
     precision: Precision = Field("float32", description="bfloat16: the losses under bf16 autocast (where this CPU or GPU "
-                                                         "runs bf16 fast); int8: dynamically quantised linear layers (CPU).")
+                                                         "runs bf16 fast); int8: dynamically quantised linear layers (CPU; "
+                                                         "failed the validation on SmolLM2, docs/results.md).")
     batch_size: int = Field(16, ge=1, description="Candidates per durable batch (each scored against every anchor).")
 
 

@@ -204,7 +204,8 @@ def test_int8_is_a_quantised_copy_and_a_signal_of_its_own(tiny_path, tiny):
 
     model, tok = tiny
     quantised, _ = load_scoring_lm(tiny_path, "int8")
-    assert quantised is not model and load_scoring_lm(tiny_path, "float32")[0] is model
+    # float32 is the one loaded model (no second copy in memory); int8 a copy of its own
+    assert load_scoring_lm(tiny_path, "float32")[0] is load_causal_lm(tiny_path)[0] is not quantised
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
     # every linear layer, the output layer too, is quantised (7 a layer, 2 layers, the output layer)

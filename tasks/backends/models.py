@@ -174,24 +174,30 @@ def load_causal_lm(name: str, dtype: str = "float32"):
     return model, tokenizer
 
 
-@lru_cache(maxsize=2)
 def load_scoring_lm(name: str, precision: str = "float32"):
     """(model, tokenizer) that score at ``precision``: "float32" and "bfloat16" share the float32
-    weights (bf16 runs under autocast, see the loss engine); "int8" is a copy whose linear layers
-    (the output layer too) are dynamically quantised: int8 weights per output channel, activations
-    quantised per batch, int32 accumulation (CPU only; PyTorch's ``quantize_dynamic``, deprecated
-    in favour of torchao but still in torch 2.13). Each precision is its own signal identity."""
-    model, tokenizer = load_causal_lm(name)
+    weights of :func:`load_causal_lm` (bf16 runs under autocast, see the loss engine); "int8" is a copy
+    whose linear layers (the output layer too) are dynamically quantised: int8 weights per output
+    channel, activations quantised per batch, int32 accumulation (CPU only; PyTorch's
+    ``quantize_dynamic``, deprecated in favour of torchao but still in torch 2.13). Each precision is
+    its own signal identity. int8 did not pass the validation against float32 on SmolLM2-135M
+    (docs/results.md, issue 11): it is never a default."""
     if precision in ("float32", "bfloat16"):
-        return model, tokenizer
+        return load_causal_lm(name)
     if precision != "int8":
         raise ValueError(f"unknown precision {precision!r}: float32, bfloat16 or int8")
+    return _int8_copy(name)
+
+
+@lru_cache(maxsize=2)
+def _int8_copy(name: str):
     import copy
     import warnings
 
     import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    model, tokenizer = load_causal_lm(name)
     if model.device.type != "cpu":
         raise ValueError("int8 dynamic quantisation runs on the CPU only: use float32 or bfloat16 on a GPU")
     with warnings.catch_warnings():  # the deprecation notice of the quantised tensor constructors
