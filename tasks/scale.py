@@ -8,7 +8,8 @@ A sharded fill keeps every promise of the in-process one:
 1. The flow's process lists the signal in the catalog, indexes stray parts, finds the missing
    examples (an anti-join), orders them as the in-process fill would (``order_by``) and cuts them
    into shards of whole batches, so every batch, and so every value, is the one the in-process
-   fill computes.
+   fill computes (to the last bit where the worker's torch runs as many threads as the flow's; a
+   matmul summed in another order may differ in float32's last bits).
 2. Each shard is a Prefect task (``fill-shard``) on a worker. It opens the same signal store
    (``SignalStore.location``: a shared folder or an ``s3://`` URL) *without a catalog*, and runs the
    same durable batch loop: each batch leased (two runs, or a retried shard beside a live one,

@@ -135,11 +135,12 @@ def test_sharded_fill_matches_the_in_process_fill(engine, engines, reference, ti
             assert (got.computed, got.reused, got.errors) == (pool.height, 0, 0)
             values = store.signals.read(sig, pool["uid"]).sort("uid")
             assert values["uid"].to_list() == expected[sig.id]["uid"].to_list()
-            if sig.kind == "vector":
-                assert np.array_equal(np.stack(values["value"].to_list()),
-                                      np.stack(expected[sig.id]["value"].to_list()))
-            else:
-                assert values["value"].to_list() == expected[sig.id]["value"].to_list()
+            # the same batches as the in-process fill, so the same values up to float32 rounding: a worker's
+            # torch may use another thread count than this process, and a matmul summed in another order
+            # differs in its last bits
+            np.testing.assert_allclose(np.stack(values["value"].to_list()).astype(np.float64),
+                                       np.stack(expected[sig.id]["value"].to_list()).astype(np.float64),
+                                       rtol=1e-5, atol=1e-6)
             _check_parts(store, sig, set(pool["uid"]))
             assert len(_parts(store, sig)) == 6  # 24 examples in batches of 4, spread over 3 shards
             cost = store.catalog.query("SELECT seconds FROM signals WHERE signal_id = ?", [sig.id])["seconds"][0]
@@ -251,7 +252,7 @@ def test_signal_parts_on_s3_are_written_by_workers_and_read_by_duckdb(engines, r
         got = fill_signal(sig, ref, build, batch_size=4, order_by=by_length)
     assert got.computed == pool.height
     values = s3store.signals.read(sig, pool["uid"]).sort("uid")
-    assert values["value"].to_list() == expected[sig.id]["value"].to_list()
+    np.testing.assert_allclose(values["value"].to_numpy(), expected[sig.id]["value"].to_numpy(), rtol=1e-5)  # as above
     _check_parts(s3store, sig, set(pool["uid"]))
     con = duckdb_connection(s3store.signals.url)
     [(n, unique)] = con.sql(f"SELECT count(*), count(DISTINCT uid) FROM read_parquet('{s3store.signals.url}/"
